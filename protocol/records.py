@@ -1,0 +1,81 @@
+"""DHT records: keys and validation of signed capacity ads.
+
+Keys are short (py-libp2p drops non-multihash keys over 50 bytes from multi-hop lookups), so long names are
+hashed: ``/coop/cap/<32 hex>`` for a peer's ad and ``/coop/cls/<32 hex>`` for a resource class's provider hints.
+
+A capacity ad record is the bytes of an :class:`~protocol.envelope.Envelope` holding a
+:class:`~protocol.messages.CapacityAd`. :func:`validate_ad_record` accepts it only if the signature verifies,
+the ad's peer is the signer, the key is that peer's own key (no storing ads under someone else's key), and the
+envelope has not expired. :func:`select_ad_record` picks the newest (highest ``seq``, then latest issue time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Final, final
+
+from protocol.envelope import DEFAULT_MAX_SKEW_MS, Envelope, decode_envelope, verify_envelope
+from protocol.errors import MalformedMessage, RemoteProtocolError, WrongSigner
+from protocol.messages import CapacityAd
+
+NAMESPACE: Final = "coop"
+CAP_PREFIX: Final = f"/{NAMESPACE}/cap/"
+CLASS_PREFIX: Final = f"/{NAMESPACE}/cls/"
+AD_REFRESH_MS: Final = 60_000  # re-publish every 60 s ...
+AD_TTL_MS: Final = 120_000  # ... and let each ad expire after 120 s (the Petals cadence)
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def cap_key(peer_id: str) -> str:
+    """The DHT key of a peer's capacity ad (42 bytes)."""
+    return CAP_PREFIX + _short(peer_id)
+
+
+def class_key(resource_class: str) -> str:
+    """The DHT key under which providers of a resource class (``cpu``, ``mem:8g``, ``gpu:...``) are hinted."""
+    return CLASS_PREFIX + _short(resource_class)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class VerifiedAd:
+    ad: CapacityAd
+    envelope: Envelope
+
+
+def validate_ad_record(key: str, value: bytes, *, now: int, max_skew_ms: int = DEFAULT_MAX_SKEW_MS) -> VerifiedAd:
+    """Check a capacity-ad record as stored under ``key``.
+
+    Raises:
+        RemoteProtocolError: a subclass naming what is wrong (malformed, bad signature, wrong signer, expired...).
+    """
+    envelope = decode_envelope(value)
+    ad = verify_envelope(envelope, CapacityAd, now=now, max_skew_ms=max_skew_ms)
+    if key != cap_key(ad.peer):
+        raise WrongSigner(f"ad of {ad.peer} stored under a key that is not its own")
+    return VerifiedAd(ad, envelope)
+
+
+def select_ad_record(key: str, values: list[bytes], *, now: int) -> int:
+    """Index of the newest valid record among ``values`` (highest seq, then latest issue).
+
+    Raises:
+        MalformedMessage: none of the values is valid.
+    """
+    best: tuple[int, int] | None = None
+    best_index = -1
+    for index, value in enumerate(values):
+        try:
+            verified = validate_ad_record(key, value, now=now)
+        except RemoteProtocolError:
+            continue
+        rank = (verified.ad.seq, verified.envelope.issued_at)
+        if best is None or rank > best:
+            best, best_index = rank, index
+    if best_index < 0:
+        raise MalformedMessage("no valid capacity ad among the records")
+    return best_index
