@@ -1,0 +1,645 @@
+"""The libp2p adapter: the one module of the daemon that imports py-libp2p (0.8.1).
+
+Theory of operation: :func:`open_host` builds a host from a raw Ed25519 seed, listens, runs a server-mode Kademlia
+DHT beside it and yields a :class:`NetHost`, through which the rest of ``node/`` dials, opens and serves streams
+(:class:`NetStream`, with length-prefixed frames) and uses the DHT. Peer ids cross this boundary as base58 strings
+and addresses as multiaddr strings; no libp2p type leaks out.
+
+Rules:
+    * Security is Noise only. The default host also accepts plaintext (a peer knowing only a victim's public key
+      could pose as the victim: libp2p-facts trap 1), secio and TLS.
+    * libp2p errors caused by a peer or the network are caught here, narrowly, and re-raised as the typed errors
+      below. A stream handler may raise :class:`NetError` or :class:`~protocol.errors.RemoteProtocolError` to drop a
+      misbehaving peer's stream; anything else is a bug and propagates (taking the connection down).
+    * DHT records live under ``/coop/``, checked by the caller's ``validate``/``select``; a validator rejects by
+      raising :class:`~protocol.errors.ProtocolError` or ``ValueError``. ``strict_validation`` refuses every other
+      namespace except libp2p's built-in ``pk``/``ipns``.
+    * DHT keys are 2-50 bytes of UTF-8: FIND_NODE ignores longer non-multihash targets, silently confining records
+      to direct neighbours (trap 3). Callers hash long names.
+
+Deviations and workarounds:
+    * ``KadDHT.get_value`` returns a local copy first, unvalidated (trap 5): :meth:`NetHost.dht_get` re-validates.
+      Nothing checks freshness: records must carry their own expiry.
+    * ``KadDHT.provide``/``find_providers`` guess whether a key is a CID, hex or text; we always use its UTF-8
+      bytes. ``find_providers`` repeats providers (trap 7): we dedupe, and add their addresses to the peerstore
+      (libp2p does not) so :meth:`NetHost.open_stream` can reach them. ``find_providers`` also returns only the
+      local records whenever there are any, so a provider never saw the others: we merge local records with a
+      GET_PROVIDERS query to each of the peers closest to the key (a private helper of ``ProviderStore``).
+    * The Kademlia protocol id is fixed at ``/ipfs/kad/1.0.0`` (trap 14): never bootstrap from public IPFS peers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from types import TracebackType
+from typing import Final, final
+
+import multiaddr
+import multiaddr.exceptions
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, INetStream
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
+from libp2p.custom_types import TMuxerOptions, TProtocol
+from libp2p.exceptions import BaseLibp2pError, MultiError
+from libp2p.io.exceptions import IOException
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.exceptions import SwarmException
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.records.validator import Validator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+
+from protocol.errors import InvalidKey, OversizedFrame, ProtocolError, RemoteProtocolError
+from protocol.identity import Identity, public_key_from_peer_id
+
+logger = logging.getLogger(__name__)
+
+COOP_DHT_NAMESPACE: Final = "coop"
+MAX_DHT_KEY_BYTES: Final = 50  # FIND_NODE ignores longer targets that are not multihashes (trap 3)
+MIN_DHT_KEY_BYTES: Final = 2  # ... and shorter ones
+FRAME_HEADER: Final = struct.Struct(">I")  # 4-byte big-endian body length
+MAX_FRAME_BYTES: Final = (1 << 32) - 1  # what the header can express
+DEFAULT_READ_BYTES: Final = 64 * 1024  # 64 KiB
+PROVIDER_QUERY_TIMEOUT_S: Final = 5.0
+PROVIDER_ADDR_TTL_S: Final = 600  # how long a provider's advertised addresses stay dialable
+_RESET_TIMEOUT_S: Final = 1.0  # bound on the shielded reset after a failed or cancelled handler
+
+# Errors py-libp2p raises on stream I/O when the peer or the connection goes away or misbehaves.
+_STREAM_ERRORS: Final = (IOException, MuxedStreamError, MuxedConnError)
+
+Validate = Callable[[str, bytes], None]
+Select = Callable[[str, list[bytes]], int]
+StreamHandler = Callable[["NetStream"], Awaitable[None]]
+
+
+class NetError(Exception):
+    """Base of the errors this module raises."""
+
+
+class DialError(NetError):
+    """A peer could not be reached: no route, refused, failed handshake or wrong identity. Not our bug."""
+
+
+class InvalidAddress(NetError, ValueError):
+    """A multiaddr or peer id string could not be parsed (bad input, from a caller or a peer)."""
+
+
+class ListenError(NetError):
+    """The host could not listen on a requested address (in use, not ours, unsupported)."""
+
+
+class StreamOpenError(NetError):
+    """We reached the peer but it did not accept a stream for the protocol (or the connection broke)."""
+
+
+class StreamClosed(NetError, trio.BrokenResourceError):
+    """The stream ended under us: the peer closed or reset it, or the connection dropped."""
+
+
+class FrameTooLarge(NetError, OversizedFrame):
+    """A peer announced a frame over the receiver's cap. The peer's fault; the stream has been reset."""
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NetStatistics:
+    """A snapshot of a :class:`NetHost`'s counters."""
+
+    connected_peers: int
+    routing_table_size: int
+    dials_failed: int
+    streams_opened: int
+    streams_accepted: int
+    streams_dropped: int  # inbound streams whose handler raised NetError/RemoteProtocolError
+    frames_too_large: int
+    dht_records_rejected: int  # records dht_get refused on re-validation
+
+
+@dataclass(slots=True)
+class _Counters:
+    dials_failed: int = 0
+    streams_opened: int = 0
+    streams_accepted: int = 0
+    streams_dropped: int = 0
+    frames_too_large: int = 0
+    dht_records_rejected: int = 0
+
+
+@final
+class _DhtNoiseFilter(logging.Filter):
+    """Drops two WARNINGs KadDHT logs on normal operation: a peer closing its DHT stream cleanly (logged as a
+    read failure with an empty reason) and a lookup miss (``dht_get`` returns ``None`` for that)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Failed to read DHT message from stream: %s":
+            return bool(record.args) and str(record.args[0]) != ""  # type: ignore[index]
+        return not (isinstance(record.msg, str) and record.msg.startswith("Value not found for key"))
+
+
+def configure_libp2p_logging() -> None:
+    """Route the ``libp2p`` logger's warnings through normal :mod:`logging`.
+
+    Importing libp2p leaves that logger without a handler and non-propagating, so its warnings reach stderr via
+    Python's last-resort handler. Unless ``LIBP2P_DEBUG`` is set (libp2p's own debug logging is then in charge),
+    make it propagate at WARNING. libp2p also pins its auto-connector logger to INFO (a line every 10 s); reset it
+    to inherit. Idempotent.
+    """
+    if os.environ.get("LIBP2P_DEBUG"):
+        return
+    root = logging.getLogger("libp2p")
+    root.setLevel(logging.WARNING)
+    root.propagate = True
+    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.NOTSET)
+    dht_logger = logging.getLogger("libp2p.kad_dht.kad_dht")
+    if not any(isinstance(f, _DhtNoiseFilter) for f in dht_logger.filters):
+        dht_logger.addFilter(_DhtNoiseFilter())
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _root_reason(exc: BaseException) -> str:
+    """The innermost message under a libp2p error (swarm errors wrap a MultiError of per-address failures)."""
+    for _ in range(8):  # chains are short; bound the walk anyway
+        inner = exc.args[0] if isinstance(exc, MultiError) and exc.args and isinstance(exc.args[0], list) else None
+        nxt = inner[0] if inner else exc.__cause__
+        if not isinstance(nxt, BaseException) or not str(nxt):
+            break
+        exc = nxt
+    return str(exc)
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    try:
+        public_key_from_peer_id(peer_id)  # Coop peers are Ed25519; this rejects anything else
+    except InvalidKey as exc:
+        raise InvalidAddress(str(exc)) from exc
+    return ID.from_base58(peer_id)
+
+
+def _check_dht_key(key: str) -> bytes:
+    raw = key.encode("utf-8")
+    if not MIN_DHT_KEY_BYTES <= len(raw) <= MAX_DHT_KEY_BYTES:
+        raise ValueError(f"DHT key must be {MIN_DHT_KEY_BYTES}-{MAX_DHT_KEY_BYTES} bytes (hash long names): {key!r}")
+    return raw
+
+
+def _check_record_key(key: str) -> None:
+    _check_dht_key(key)
+    if not key.startswith(f"/{COOP_DHT_NAMESPACE}/"):
+        raise ValueError(f"DHT record keys live under /{COOP_DHT_NAMESPACE}/: {key!r}")
+
+
+def _reject_all(key: str, value: bytes) -> None:
+    raise ValueError("no DHT validator configured: /coop/ records are refused")
+
+
+def _select_first(key: str, values: list[bytes]) -> int:
+    return 0
+
+
+@final
+class _CoopValidator(Validator):
+    """Adapts the caller's callables to libp2p's Validator interface for the ``/coop/`` namespace."""
+
+    def __init__(self, validate: Validate, select: Select) -> None:
+        self._validate = validate
+        self._select = select
+
+    def validate(self, key: str, value: bytes) -> None:
+        if len(key.encode("utf-8")) > MAX_DHT_KEY_BYTES:
+            raise ValueError("DHT key too long")
+        self._validate(key, value)
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        index = self._select(key, values)
+        if not 0 <= index < len(values):
+            raise ValueError(f"select returned {index} for {len(values)} values")
+        return index
+
+
+@final
+class NetStream:
+    """One libp2p stream, with typed errors. Use as an async context manager, or call :meth:`close`.
+
+    Attributes:
+        remote_peer: the authenticated (Noise) peer id of the other end.
+        protocol: the negotiated protocol id.
+    """
+
+    __slots__ = ("_counters", "_raw", "protocol", "remote_peer")
+
+    def __init__(self, raw: INetStream, protocol: str, counters: _Counters) -> None:
+        self._raw = raw
+        self._counters = counters
+        self.remote_peer: str = raw.muxed_conn.peer_id.to_base58()
+        self.protocol = protocol
+
+    async def read_some(self, max_bytes: int = DEFAULT_READ_BYTES) -> bytes:
+        """Read between 1 and ``max_bytes`` bytes; ``b""`` means the peer closed its side cleanly.
+
+        Raises:
+            StreamClosed: the stream was reset or the connection dropped.
+        """
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        try:
+            return await self._raw.read(max_bytes)
+        except EOFError:  # libp2p's StreamEOF and MuxedStreamEOF are both EOFError
+            return b""
+        except _STREAM_ERRORS as exc:
+            raise StreamClosed(f"stream from {self.remote_peer} broke: {exc!r}") from exc
+
+    async def read_exactly(self, n: int) -> bytes:
+        """Read exactly ``n`` bytes (libp2p reads can be short).
+
+        Raises:
+            StreamClosed: the stream ended, was reset, or the connection dropped before ``n`` bytes arrived.
+        """
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = await self.read_some(n - len(buf))
+            if not chunk:
+                raise StreamClosed(f"stream from {self.remote_peer} ended after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    async def write(self, data: bytes) -> None:
+        """Write all of ``data``.
+
+        Raises:
+            StreamClosed: the stream is closed for writing, was reset, or the connection dropped.
+        """
+        try:
+            await self._raw.write(data)
+        except _STREAM_ERRORS as exc:
+            raise StreamClosed(f"stream to {self.remote_peer} broke: {exc!r}") from exc
+
+    async def close(self) -> None:
+        """Close our side (the peer reads EOF) and release the stream. Idempotent; never raises on a dead stream."""
+        try:
+            await self._raw.close()
+        except _STREAM_ERRORS as exc:
+            logger.debug("closing a stream to %s: %r", self.remote_peer, exc)
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions (the peer sees a reset). Idempotent."""
+        try:
+            await self._raw.reset()
+        except _STREAM_ERRORS as exc:
+            logger.debug("resetting a stream to %s: %r", self.remote_peer, exc)
+
+    async def _reset_shielded(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(_RESET_TIMEOUT_S):
+            await self.reset()
+
+    async def __aenter__(self) -> NetStream:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            await self.close()
+        else:
+            await self._reset_shielded()
+
+
+async def send_frame(stream: NetStream, data: bytes) -> None:
+    """Write ``data`` with a 4-byte big-endian length prefix.
+
+    Raises:
+        ValueError: ``data`` is longer than the header can express (our bug).
+        StreamClosed: the stream broke.
+    """
+    if len(data) > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {len(data)} bytes exceeds the 4-byte length prefix")
+    await stream.write(FRAME_HEADER.pack(len(data)) + data)
+
+
+async def receive_frame(stream: NetStream, max_bytes: int) -> bytes:
+    """Read one length-prefixed frame, refusing (before reading the body) any frame over ``max_bytes``.
+
+    Raises:
+        FrameTooLarge: the announced length exceeds ``max_bytes``; the stream has been reset.
+        StreamClosed: the stream ended or broke before a whole frame arrived.
+    """
+    (length,) = FRAME_HEADER.unpack(await stream.read_exactly(FRAME_HEADER.size))
+    if length > max_bytes:
+        stream._counters.frames_too_large += 1
+        await stream._reset_shielded()
+        raise FrameTooLarge(f"{stream.remote_peer} announced a {length}-byte frame; the cap is {max_bytes}")
+    return await stream.read_exactly(length) if length else b""
+
+
+@final
+class NetHost:
+    """A running libp2p host with its DHT. Built by :func:`open_host`; valid only inside it."""
+
+    def __init__(self, host: IHost, dht: KadDHT, validator: _CoopValidator) -> None:
+        self._host = host
+        self._dht = dht
+        self._validator = validator
+        self._counters = _Counters()
+        self.peer_id: str = host.get_id().to_base58()
+
+    # Connections
+
+    def addrs(self) -> list[str]:
+        """Our listen addresses as full multiaddrs ending in ``/p2p/<peer id>``."""
+        return [str(addr) for addr in self._host.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        """Peer ids we hold a connection to."""
+        return [pid.to_base58() for pid in self._host.get_connected_peers()]
+
+    async def connect(self, address: str) -> str:
+        """Dial a ``/p2p/``-terminated multiaddr (a no-op if already connected); return the peer id.
+
+        Lifts the 60 s negative dial cache for that peer first (trap 12), so a restarted peer can be redialed.
+
+        Raises:
+            InvalidAddress: ``address`` is not a multiaddr ending in ``/p2p/<Ed25519 peer id>``.
+            DialError: the peer could not be reached, or the handshake failed (including a wrong identity).
+        """
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(address))
+        except (multiaddr.exceptions.Error, ValueError) as exc:
+            raise InvalidAddress(f"not a /p2p/ multiaddr: {address!r} ({exc})") from exc
+        peer_id = info.peer_id.to_base58()
+        _parse_peer_id(peer_id)
+        if peer_id == self.peer_id:
+            raise DialError("refusing to dial ourselves")
+        network = self._host.get_network()
+        if isinstance(network, Swarm):  # unblock_peer is not on the INetworkService interface
+            network.unblock_peer(info.peer_id)
+        try:
+            await self._host.connect(info)
+        except SwarmException as exc:
+            self._counters.dials_failed += 1
+            raise DialError(f"could not connect to {address}: {_root_reason(exc)}") from exc
+        return peer_id
+
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id`` (no-op if none)."""
+        await self._host.disconnect(_parse_peer_id(peer_id))
+
+    # Streams
+
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+        """Serve inbound streams for ``protocol_id`` with ``handler``, one task per stream.
+
+        The stream is closed when the handler returns (as trio's ``serve_tcp`` does). If the handler raises
+        :class:`NetError` or :class:`~protocol.errors.RemoteProtocolError` (a misbehaving or vanished peer), the
+        stream is reset and the error logged at debug level; any other exception is a bug and propagates.
+        """
+
+        async def on_stream(raw: INetStream) -> None:
+            self._counters.streams_accepted += 1
+            stream = NetStream(raw, protocol_id, self._counters)
+            try:
+                await handler(stream)
+            except (NetError, RemoteProtocolError) as exc:
+                self._counters.streams_dropped += 1
+                logger.debug("dropped a %s stream from %s: %r", protocol_id, stream.remote_peer, exc)
+                await stream._reset_shielded()
+                return
+            except BaseException:
+                await stream._reset_shielded()
+                raise
+            await stream.close()
+
+        self._host.set_stream_handler(TProtocol(protocol_id), on_stream)
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> NetStream:
+        """Open a stream to ``peer_id`` speaking ``protocol_id``, dialing known addresses if not connected.
+
+        Raises:
+            InvalidAddress: ``peer_id`` is not an Ed25519 peer id.
+            DialError: not connected, and the peer could not be reached.
+            StreamOpenError: the peer refused the protocol or the connection broke during negotiation.
+        """
+        pid = _parse_peer_id(peer_id)
+        try:
+            raw = await self._host.new_stream(pid, [TProtocol(protocol_id)])
+        except SwarmException as exc:
+            raise DialError(f"could not open a stream to {peer_id}: {_root_reason(exc)}") from exc
+        except BaseLibp2pError as exc:
+            raise StreamOpenError(f"{peer_id} did not accept {protocol_id}: {_root_reason(exc)}") from exc
+        self._counters.streams_opened += 1
+        return NetStream(raw, protocol_id, self._counters)
+
+    # DHT
+
+    async def bootstrap(self, addresses: Sequence[str]) -> int:
+        """Join the DHT: connect to each peer, add it to the routing table, then refresh the table (trap 4).
+
+        Unreachable or malformed addresses are logged and skipped.
+
+        Returns:
+            How many of ``addresses`` we connected to.
+        """
+        reached = 0
+        for address in addresses:
+            try:
+                peer_id = await self.connect(address)
+            except NetError as exc:
+                logger.warning("bootstrap peer %s unreachable: %s", address, exc)
+                continue
+            reached += 1
+            await self._dht.add_peer(ID.from_base58(peer_id))
+        if reached:
+            await self._dht.refresh_routing_table()
+        return reached
+
+    def routing_table_peers(self) -> list[str]:
+        """Peer ids in our Kademlia routing table."""
+        return [pid.to_base58() for pid in self._dht.routing_table.get_peer_ids()]
+
+    def routing_table_size(self) -> int:
+        """Number of peers in our Kademlia routing table."""
+        return self._dht.get_routing_table_size()
+
+    async def dht_put(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key`` (``/coop/...``, at most :data:`MAX_DHT_KEY_BYTES` bytes) locally and at
+        the closest peers we can reach. Records carry no TTL here: put expiry in the value.
+
+        Raises:
+            ValueError: a malformed key, a value the validator rejects (or whatever ``validate`` raises), or a
+                local value that ``select`` prefers to this one.
+        """
+        _check_record_key(key)
+        await self._dht.put_value(key, value)
+
+    async def dht_get(self, key: str) -> bytes | None:
+        """Return the best value stored under ``key``, or ``None`` if none was found or it fails validation.
+
+        libp2p returns a local copy first, unvalidated (trap 5), so the result is re-validated here. Freshness is
+        the caller's to check.
+
+        Raises:
+            ValueError: a malformed key.
+        """
+        _check_record_key(key)
+        value = await self._dht.get_value(key)
+        if value is None:
+            return None
+        try:
+            self._validator.validate(key, value)
+        except (ProtocolError, ValueError) as exc:
+            self._counters.dht_records_rejected += 1
+            logger.debug("dropping an invalid DHT record under %s: %r", key, exc)
+            return None
+        return value
+
+    async def provide(self, key: str) -> bool:
+        """Announce that we provide ``key`` (2-50 bytes of UTF-8; hash long names). Returns libp2p's success flag.
+
+        Raises:
+            ValueError: a malformed key.
+        """
+        return await self._dht.provider_store.provide(_check_dht_key(key))
+
+    async def find_providers(self, key: str, count: int) -> list[str]:
+        """Peer ids that announced ``key``, deduplicated, at most ``count``. Hints only: confirm over a stream.
+
+        Their advertised addresses are added to the peerstore so :meth:`open_stream` can dial them.
+
+        Raises:
+            ValueError: a malformed key.
+        """
+        raw_key = _check_dht_key(key)
+        infos = await self._lookup_providers(raw_key)
+        peerstore = self._host.get_peerstore()
+        found: list[str] = []
+        for info in infos:
+            peer_id = info.peer_id.to_base58()
+            if peer_id in found:
+                continue
+            try:
+                public_key_from_peer_id(peer_id)
+            except InvalidKey:
+                continue  # not a Coop (Ed25519) peer
+            if info.addrs and peer_id != self.peer_id:
+                peerstore.add_addrs(info.peer_id, info.addrs, PROVIDER_ADDR_TTL_S)
+            found.append(peer_id)
+            if len(found) >= count:
+                break
+        return found
+
+    async def _lookup_providers(self, raw_key: bytes) -> list[PeerInfo]:
+        """Local provider records plus those held by the peers closest to the key.
+
+        ``ProviderStore.find_providers`` returns the local records alone whenever there are any, so a node that
+        provides a key itself (or heard of one provider) never sees the others. Provider records are stored at
+        the k peers closest to the key, so we find those peers and ask each, merging with the local records.
+        """
+        store = self._dht.provider_store
+        infos: list[PeerInfo] = list(store.get_providers(raw_key))
+        closest = await self._dht.peer_routing.find_closest_peers_network(raw_key)
+
+        async def ask(peer: ID) -> None:
+            # The private helper catches (and logs) every error itself and returns ([], []) then.
+            with trio.move_on_after(PROVIDER_QUERY_TIMEOUT_S):
+                providers, _closer = await store._get_providers_from_peer_with_closers(peer, raw_key)
+                infos.extend(providers)
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                if peer != self._host.get_id():
+                    nursery.start_soon(ask, peer)
+        return infos
+
+    def statistics(self) -> NetStatistics:
+        """A snapshot of this host's counters."""
+        return NetStatistics(
+            connected_peers=len(self._host.get_connected_peers()),
+            routing_table_size=self.routing_table_size(),
+            **asdict(self._counters),
+        )
+
+
+@asynccontextmanager
+async def open_host(
+    *,
+    seed: bytes,
+    listen: Sequence[str],
+    dht_validate: Validate = _reject_all,
+    dht_select: Select = _select_first,
+) -> AsyncIterator[NetHost]:
+    """Run a libp2p host (TCP, Noise only, Yamux) with a server-mode Kademlia DHT.
+
+    Args:
+        seed: the raw 32-byte Ed25519 private seed (``Identity.seed()``); the host's peer id is the identity's.
+        listen: multiaddrs to listen on, e.g. ``"/ip4/127.0.0.1/tcp/0"``.
+        dht_validate: ``validate(key, value)`` for ``/coop/`` records; rejects by raising
+            :class:`~protocol.errors.ProtocolError` or ``ValueError``. The default refuses every record.
+        dht_select: ``select(key, values)`` returns the index of the best of ``values`` (all valid).
+
+    Yields:
+        The running host. Leaving the block stops the DHT and closes every connection.
+
+    Raises:
+        protocol.errors.LocalProtocolError: ``seed`` is not 32 bytes.
+        InvalidAddress: a listen address does not parse.
+        ListenError: a listen address could not be bound.
+    """
+    configure_libp2p_logging()
+    expected_peer_id = Identity.from_seed(seed).peer_id
+    try:
+        listen_addrs = [multiaddr.Multiaddr(a) for a in listen]
+    except (multiaddr.exceptions.Error, ValueError) as exc:
+        raise InvalidAddress(f"bad listen address in {list(listen)!r}: {exc}") from exc
+    key_pair = create_new_key_pair(seed)
+    muxers: TMuxerOptions = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
+    host = new_host(
+        key_pair=key_pair,
+        # Explicitly Noise only: the default also offers plaintext, secio and TLS (trap 1).
+        sec_opt={NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=create_new_x25519_key_pair().private_key)},
+        muxer_opt=muxers,
+        # One connection per peer, else every dial waits out the 250 ms happy-eyeballs delay (trap 2).
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        listen_addrs=listen_addrs,
+    )
+    if host.get_id().to_base58() != expected_peer_id:  # pragma: no cover - guards a libp2p key-format change
+        raise RuntimeError("libp2p derived a different peer id from the seed")
+    validator = _CoopValidator(dht_validate, dht_select)
+    # host.run and the DHT service each open nurseries, so an exception from the caller's block comes out wrapped
+    # three groups deep (trap 13). A lone exception is re-raised bare, outside the except block so that its own
+    # __cause__/__context__ survive; several stay grouped.
+    lone: BaseException | None = None
+    try:
+        async with host.run(listen_addrs):
+            # Swarm.listen reports failures only in its return value, which host.run drops.
+            missing = [str(a) for a in listen_addrs if str(a) not in host.get_network().listeners]
+            if missing:
+                raise ListenError(f"could not listen on {missing} (see the libp2p log for why)")
+            dht = KadDHT(host, DHTMode.SERVER, strict_validation=True)
+            dht.register_validator(COOP_DHT_NAMESPACE, validator)
+            async with background_trio_service(dht):
+                yield NetHost(host, dht, validator)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) != 1:
+            raise
+        lone = leaves[0]
+    if lone is not None:
+        raise lone
