@@ -1,0 +1,149 @@
+"""The local API: HTTP+JSON on 127.0.0.1, bearer token from api.json on every request.
+
+Served by hypercorn's trio worker with starlette routing. The handlers only translate HTTP to calls on the
+:class:`ApiBackend` (the daemon) and back; they hold no state of their own.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+API_VERSION: Final = "v1"
+TOKEN_BYTES: Final = 32
+
+
+class BadQuery(ValueError):
+    """A request's parameters are invalid (the caller's fault: HTTP 400)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FindQuery:
+    cpus: int = 1
+    memory_bytes: int = 0
+    gpus: int = 0
+    gpu_model: str = ""
+    limit: int = 50
+
+
+class ApiBackend(Protocol):
+    def api_id(self) -> dict[str, Any]: ...
+    def api_peers(self) -> dict[str, Any]: ...
+    def api_status(self) -> dict[str, Any]: ...
+    async def api_find(self, query: FindQuery) -> dict[str, Any]: ...
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def write_api_file(path: Path, *, url: str, token: str, peer_id: str) -> None:
+    """Write api.json with mode 0600 (the token is a password for this node)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        json.dump({"url": url, "token": token, "peer_id": peer_id, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+def _int_param(request: Request, name: str, default: int, *, maximum: int) -> int:
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or int(text) > maximum:
+        raise BadQuery(f"{name} must be a whole number between 0 and {maximum}")
+    return int(text)
+
+
+def parse_find_query(request: Request) -> FindQuery:
+    model = request.query_params.get("gpu_model", "")
+    if len(model) > 128:
+        raise BadQuery("gpu_model is too long")
+    return FindQuery(
+        cpus=_int_param(request, "cpus", 1, maximum=4096),
+        memory_bytes=_int_param(request, "memory", 0, maximum=1 << 50),
+        gpus=_int_param(request, "gpus", 0, maximum=64),
+        gpu_model=model,
+        limit=_int_param(request, "limit", 50, maximum=500),
+    )
+
+
+class _TokenAuth(BaseHTTPMiddleware):
+    def __init__(self, app: Any, token: str) -> None:
+        super().__init__(app)
+        self._expected = f"Bearer {token}".encode()
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, self._expected):
+            return JSONResponse(
+                {"error": "unauthorized", "message": "missing or wrong bearer token (see api.json in the data dir)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return await call_next(request)
+
+
+def build_app(backend: ApiBackend, token: str) -> Starlette:
+    def sync_route(fn: Callable[[], dict[str, Any]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return JSONResponse(fn())
+
+        return endpoint
+
+    async def find(request: Request) -> Response:
+        try:
+            query = parse_find_query(request)
+        except BadQuery as exc:
+            return JSONResponse({"error": "bad-query", "message": str(exc)}, status_code=400)
+        return JSONResponse(await backend.api_find(query))
+
+    routes = [
+        Route(f"/{API_VERSION}/id", sync_route(backend.api_id)),
+        Route(f"/{API_VERSION}/peers", sync_route(backend.api_peers)),
+        Route(f"/{API_VERSION}/status", sync_route(backend.api_status)),
+        Route(f"/{API_VERSION}/find", find),
+    ]
+    return Starlette(routes=routes, middleware=[Middleware(_TokenAuth, token=token)])
+
+
+async def serve_api(
+    backend: ApiBackend,
+    *,
+    host: str,
+    port: int,
+    token: str,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API until ``shutdown`` is set; ``task_status.started`` gets the base URL."""
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+
+    async def run(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(build_app(backend, token), config, shutdown_trigger=shutdown.wait, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(run)
+        url = binds[0] if binds else f"http://{host}:{port}"
+        task_status.started(url)

@@ -1,0 +1,86 @@
+"""The `node` / `coop` command line.
+
+Every subcommand is listed here, including those later work adds; a command that is not built yet says so
+and exits with status 2, so `--help` always shows the whole shape of the tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Final
+
+PROG_HELP: Final = """\
+Coop: share idle compute with peers, and run jobs on theirs.
+
+Start a node with `node start`; it joins the network through bootstrap peers, advertises what this machine
+can run, and serves a local API that the other commands use. (`coop` is the same program: use it where
+`node` clashes with Node.js.)"""
+
+Handler = Callable[[argparse.Namespace], int]
+
+# command -> (help line, issue that builds it); filled below and by _command()
+_PLANNED: Final[dict[str, tuple[str, str]]] = {
+    "doctor": ("show which sandbox layers this machine supports and how to fix missing ones", "the sandbox"),
+    "run-local": ("run a command through the local sandbox executor, to try it", "the sandbox"),
+    "submit": ("submit a job to the network and wait for its result", "the market"),
+    "jobs": ("list this node's jobs", "the market"),
+    "job": ("show one job: state, provider, cost, receipt", "the market"),
+    "logs": ("show (or follow with -f) a job's stdout/stderr", "the market"),
+    "cancel": ("cancel a running job", "the market"),
+    "market": ("recent quotes per resource class (the price competition)", "the market"),
+    "ledger": ("credits earned by providing and spent by consuming", "the market"),
+    "reputation": ("a peer's trust score and the records behind it; --top lists providers", "reputation"),
+    "rate": ("add your own rating to a finished job", "reputation"),
+    "dashboard": ("print a one-time link to the web dashboard", "the dashboard"),
+    "pause": ("stop taking jobs (owner control)", "owner policy"),
+    "resume": ("take jobs again (owner control)", "owner policy"),
+}
+
+
+def _not_built(name: str, what: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"node {name}: not available in this version yet (it arrives with {what}).", file=sys.stderr)
+        return 2
+
+    return handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="node",
+        description=PROG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+
+    from node import commands
+
+    commands.register(sub)
+    for name, (help_text, what) in _PLANNED.items():
+        p = sub.add_parser(name, help=f"{help_text} [coming with {what}]", add_help=True)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(handler=_not_built(name, what))
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("coop")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0+source"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,227 @@
+"""The data dir, the identity key and the commented TOML config.
+
+Precedence: command-line flags, then the config file, then the defaults written here. The first start writes
+the config file with every default and a comment on each, so a user can read what can be changed.
+Errors in the file are reported as :class:`ConfigError` naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+from protocol.errors import LocalProtocolError
+from protocol.identity import Identity, load_or_create_identity
+from protocol.messages import PriceSheet
+
+DEFAULT_LISTEN: Final = "/ip4/0.0.0.0/tcp/4001"
+DEFAULT_API: Final = "127.0.0.1:7410"
+KEY_FILE: Final = "key"
+CONFIG_FILE: Final = "config.toml"
+API_FILE: Final = "api.json"
+DB_FILE: Final = "coop.db"
+
+
+class ConfigError(Exception):
+    """The config file or a flag holds a value the node cannot use. The user's to fix; the message says how."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeConfig:
+    data_dir: Path
+    listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    bootstrap: tuple[str, ...] = ()
+    api_host: str = "127.0.0.1"
+    api_port: int = 7410
+    provide: bool = True
+    price_sheet: PriceSheet = field(default_factory=lambda: PriceSheet(per_cpu_second=10, per_gib_second=2))
+    ad_refresh_seconds: float = 60.0
+    ad_ttl_seconds: float = 120.0
+    clock_skew_seconds: float = 30.0
+    bootstrap_retry_max_seconds: float = 60.0
+    routing_refresh_seconds: float = 300.0
+    config_file: Path | None = None
+
+
+CONFIG_TEMPLATE: Final = """\
+# Coop node configuration. Every value below is the default; edit and restart the node.
+# Command-line flags (node start --help) override what is written here.
+
+[network]
+# libp2p multiaddrs to listen on. Port 0 picks a free port.
+listen = ["{listen}"]
+# Peers to join the network through, as full multiaddrs ending in /p2p/<peer id>.
+# A node with no bootstrap peers is a valid one-node network that others can join.
+bootstrap = []
+# Longest wait between retries of an unreachable bootstrap peer (seconds; the wait doubles up to this).
+bootstrap_retry_max_seconds = 60
+# How often to refresh the Kademlia routing table (seconds).
+routing_refresh_seconds = 300
+
+[api]
+# The local HTTP API (and later the dashboard). Keep it on 127.0.0.1: it is protected by the token in api.json.
+listen = "{api}"
+
+[provide]
+# Offer this machine's capacity to the network. false = only use others' (same as --no-provide).
+enabled = true
+# Re-publish the signed capacity ad this often, and let each ad expire after ad_ttl_seconds (Petals: 60/120).
+ad_refresh_seconds = 60
+ad_ttl_seconds = 120
+# Clock disagreement tolerated on signed expiry times (seconds).
+clock_skew_seconds = 30
+
+[pricing]
+# Prices in milli-credits (1 credit = 1000). The cost of a job is
+#   start_fee + CPU-seconds * per_cpu_second + GiB-seconds of memory * per_gib_second + GPU-seconds * per_gpu_second
+start_fee = 0
+per_cpu_second = 10
+per_gib_second = 2
+per_gpu_second = 0
+"""
+
+
+def default_data_dir(environ: dict[str, str] | None = None) -> Path:
+    """``$COOP_HOME``, else ``$XDG_DATA_HOME/coop``, else ``~/.local/share/coop``."""
+    env = os.environ if environ is None else environ
+    if env.get("COOP_HOME"):
+        return Path(env["COOP_HOME"]).expanduser()
+    xdg = env.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "coop"
+
+
+def ensure_data_dir(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.access(data_dir, os.W_OK):
+        raise ConfigError(f"data dir {data_dir} is not writable")
+
+
+def load_identity_from(data_dir: Path) -> tuple[Identity, bool]:
+    try:
+        return load_or_create_identity(data_dir / KEY_FILE)
+    except OSError as exc:
+        raise ConfigError(f"cannot read or create the key file {data_dir / KEY_FILE}: {exc.strerror}") from exc
+    except LocalProtocolError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def write_default_config(path: Path) -> None:
+    path.write_text(CONFIG_TEMPLATE.format(listen=DEFAULT_LISTEN, api=DEFAULT_API))
+
+
+def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: expected HOST:PORT such as 127.0.0.1:7410, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _get(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where}.{key}: expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return {"str": "a string", "int": "an integer", "bool": "true or false", "list": "a list"}.get(
+        kind.__name__, kind.__name__
+    )
+
+
+def _positive(value: float, where: str) -> float:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be positive, got {value}")
+    return float(value)
+
+
+def load_config_file(path: Path, base: NodeConfig) -> NodeConfig:
+    """Read ``path`` over ``base``.
+
+    Raises:
+        ConfigError: the file cannot be read, is not TOML, or holds an unknown key or a wrongly typed value.
+    """
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    try:
+        return _apply(raw, base, path)
+    except ConfigError as exc:
+        if str(path) in str(exc):
+            raise
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
+    known = {
+        "network": {"listen", "bootstrap", "bootstrap_retry_max_seconds", "routing_refresh_seconds"},
+        "api": {"listen"},
+        "provide": {"enabled", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
+        "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
+    }
+    for section, table in raw.items():
+        if section not in known or not isinstance(table, dict):
+            raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sorted(known))})")
+        unknown = set(table) - known[section]
+        if unknown:
+            raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} in [{section}]")
+    net = raw.get("network", {})
+    api = raw.get("api", {})
+    prov = raw.get("provide", {})
+    price = raw.get("pricing", {})
+    number = (int, float)
+    listen = _get(net, "listen", list, "network", list(base.listen))
+    bootstrap = _get(net, "bootstrap", list, "network", list(base.bootstrap))
+    for name, values in (("network.listen", listen), ("network.bootstrap", bootstrap)):
+        if not all(isinstance(v, str) for v in values):
+            raise ConfigError(f"{path}: {name} must be a list of multiaddr strings")
+    api_host, api_port = base.api_host, base.api_port
+    if "listen" in api:
+        api_host, api_port = parse_host_port(_get(api, "listen", str, "api", ""), what=f"{path}: api.listen")
+    try:
+        sheet = PriceSheet(
+            start_fee=_get(price, "start_fee", int, "pricing", base.price_sheet.start_fee),
+            per_cpu_second=_get(price, "per_cpu_second", int, "pricing", base.price_sheet.per_cpu_second),
+            per_gib_second=_get(price, "per_gib_second", int, "pricing", base.price_sheet.per_gib_second),
+            per_gpu_second=_get(price, "per_gpu_second", int, "pricing", base.price_sheet.per_gpu_second),
+        )
+    except LocalProtocolError as exc:
+        raise ConfigError(f"{path}: [pricing] {exc}") from exc
+    return replace(
+        base,
+        listen=tuple(listen),
+        bootstrap=tuple(bootstrap),
+        api_host=api_host,
+        api_port=api_port,
+        provide=_get(prov, "enabled", bool, "provide", base.provide),
+        price_sheet=sheet,
+        ad_refresh_seconds=_positive(
+            _get(prov, "ad_refresh_seconds", number, "provide", base.ad_refresh_seconds), "provide.ad_refresh_seconds"
+        ),
+        ad_ttl_seconds=_positive(
+            _get(prov, "ad_ttl_seconds", number, "provide", base.ad_ttl_seconds), "provide.ad_ttl_seconds"
+        ),
+        clock_skew_seconds=float(_get(prov, "clock_skew_seconds", number, "provide", base.clock_skew_seconds)),
+        bootstrap_retry_max_seconds=_positive(
+            _get(net, "bootstrap_retry_max_seconds", number, "network", base.bootstrap_retry_max_seconds),
+            "network.bootstrap_retry_max_seconds",
+        ),
+        routing_refresh_seconds=_positive(
+            _get(net, "routing_refresh_seconds", number, "network", base.routing_refresh_seconds),
+            "network.routing_refresh_seconds",
+        ),
+        config_file=path,
+    )

@@ -1,0 +1,405 @@
+"""`node start`: one long-running node.
+
+Theory of operation: :func:`run_node` opens the libp2p host (via :mod:`node.net`), then runs these services in
+one nursery until SIGINT/SIGTERM:
+
+* the local API (:mod:`node.api`), after writing api.json (0600) with its URL and a fresh token;
+* one bootstrap keeper per bootstrap peer: connect, seed the routing table, refresh it; when the peer is down or
+  drops, retry with doubling back-off up to ``bootstrap_retry_max_seconds``;
+* the advertiser (unless ``--no-provide``): every ``ad_refresh_seconds`` probe capacity, sign a CapacityAd valid
+  for ``ad_ttl_seconds``, store it in the DHT under this node's own key, and provide the resource-class hints.
+
+Wall-clock time (for signed expiry) comes from one callable, :attr:`Node.clock_ms`; everything else uses trio's
+clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+import psutil
+import trio
+
+from node import net
+from node.api import FindQuery, new_token, serve_api, write_api_file
+from node.capacity.fake_nvml import nvml_from_env
+from node.capacity.probe import probe
+from node.capacity.summary import MachineCapacity, gpu_model_matches, resource_classes
+from node.config import API_FILE, NodeConfig
+from protocol import codec
+from protocol.envelope import seal
+from protocol.errors import RemoteProtocolError
+from protocol.identity import Identity
+from protocol.messages import CapacityAd, GpuSpec
+from protocol.records import CAP_PREFIX, cap_key, class_key, select_ad_record, validate_ad_record
+
+logger = logging.getLogger(__name__)
+
+FIND_LOOKUP_TIMEOUT_S: Final = 5.0
+FIND_PROVIDERS_PER_CLASS: Final = 100
+MAX_AD_ADDRS: Final = 8
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class BootstrapState:
+    address: str
+    state: str = "connecting"
+    peer_id: str | None = None
+    attempts: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class AdState:
+    seq: int = 0
+    published_at_ms: int = 0
+    expires_at_ms: int = 0
+    last_error: str = ""
+    classes: list[str] = field(default_factory=list)
+
+
+def ad_from_capacity(
+    identity: Identity, cap: MachineCapacity, *, seq: int, config: NodeConfig, addrs: list[str]
+) -> CapacityAd:
+    return CapacityAd(
+        peer=identity.peer_id,
+        seq=seq,
+        cpus=cap.cpus,
+        memory_bytes=cap.memory_bytes,
+        disk_bytes=cap.disk_free_bytes,
+        gpus=tuple(GpuSpec(model=g.model[:128], memory_bytes=g.memory_bytes) for g in cap.gpus),
+        sandbox_tier="unknown",
+        price_sheet=config.price_sheet,
+        load_permille=cap.load_permille,
+        addrs=tuple(a for a in addrs if len(a) <= 256)[:MAX_AD_ADDRS],
+    )
+
+
+def ad_matches(ad: CapacityAd, query: FindQuery) -> bool:
+    if ad.cpus < query.cpus or ad.memory_bytes < query.memory_bytes or len(ad.gpus) < query.gpus:
+        return False
+    if query.gpu_model:
+        return sum(1 for g in ad.gpus if gpu_model_matches(g.model, query.gpu_model)) >= max(query.gpus, 1)
+    return True
+
+
+def ad_to_json(ad: CapacityAd, *, expires_at_ms: int) -> dict[str, Any]:
+    return {
+        "peer_id": ad.peer,
+        "seq": ad.seq,
+        "cpus": ad.cpus,
+        "memory_bytes": ad.memory_bytes,
+        "disk_bytes": ad.disk_bytes,
+        "gpus": [{"model": g.model, "memory_bytes": g.memory_bytes} for g in ad.gpus],
+        "sandbox_tier": ad.sandbox_tier,
+        "load_permille": ad.load_permille,
+        "price_sheet": codec.to_plain(ad.price_sheet),
+        "addrs": list(ad.addrs),
+        "expires_at_ms": expires_at_ms,
+        "verified": True,
+    }
+
+
+def record_validators(
+    clock_ms: Callable[[], int], skew_ms: int
+) -> tuple[Callable[[str, bytes], None], Callable[[str, list[bytes]], int]]:
+    """The DHT's validate/select pair for ``/coop/`` records, checking expiry against ``clock_ms``."""
+
+    def validate(key: str, value: bytes) -> None:
+        if key.startswith(CAP_PREFIX):
+            validate_ad_record(key, value, now=clock_ms(), max_skew_ms=skew_ms)
+            return
+        raise ValueError(f"no validator for DHT key {key[:40]!r}")
+
+    def select(key: str, values: list[bytes]) -> int:
+        return select_ad_record(key, values, now=clock_ms())
+
+    return validate, select
+
+
+def display_addrs(addrs: list[str]) -> list[str]:
+    """Replace a wildcard listen address by this machine's IPv4 addresses (what a peer can dial)."""
+    out: list[str] = []
+    local: list[str] | None = None
+    for addr in addrs:
+        if addr.startswith("/ip4/0.0.0.0/"):
+            if local is None:
+                local = sorted(
+                    a.address
+                    for nics in psutil.net_if_addrs().values()
+                    for a in nics
+                    if a.family.name == "AF_INET" and a.address
+                )
+            out += [addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in local]
+        else:
+            out.append(addr)
+    return out
+
+
+class Node:
+    """The running node's state and services; also the local API's backend."""
+
+    def __init__(
+        self,
+        *,
+        config: NodeConfig,
+        identity: Identity,
+        host: net.NetHost,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        out: TextIO = sys.stdout,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.host = host
+        self.clock_ms = clock_ms
+        self.out = out
+        self.started_at = trio.current_time()
+        self.bootstrap = [BootstrapState(a) for a in config.bootstrap]
+        self.ad_state = AdState()
+        self.capacity: MachineCapacity | None = None
+        self._nvml = nvml_from_env(os.environ)
+        self._last_ad: CapacityAd | None = None
+
+    def say(self, text: str) -> None:
+        print(f"coop: {text}", file=self.out, flush=True)
+
+    def probe_capacity(self) -> MachineCapacity:
+        self.capacity = probe(disk_path=self.config.data_dir, nvml=self._nvml)
+        return self.capacity
+
+    # ------------------------------------------------------------------------------------------- bootstrap
+
+    async def keep_bootstrap_peer(self, state: BootstrapState) -> None:
+        """Connect to one bootstrap peer and stay connected; back off while it is down."""
+        delay = 1.0
+        while True:
+            if state.peer_id is None or state.peer_id not in self.host.connected_peers():
+                state.attempts += 1
+                try:
+                    state.peer_id = await self.host.connect(state.address)
+                    await self.host.bootstrap([state.address])
+                except net.InvalidAddress as exc:
+                    state.state = "invalid"
+                    state.last_error = str(exc)
+                    self.say(f"bootstrap address {state.address} is not usable: {exc}")
+                    return
+                except net.DialError as exc:
+                    state.state = "unreachable"
+                    state.last_error = str(exc)
+                    self.say(f"bootstrap peer unreachable, retrying in {delay:.0f}s: {exc}")
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, self.config.bootstrap_retry_max_seconds)
+                    continue
+                state.state = "connected"
+                state.last_error = ""
+                delay = 1.0
+                self.say(f"joined the network through {state.peer_id}")
+            await trio.sleep(min(5.0, self.config.bootstrap_retry_max_seconds))
+
+    # ------------------------------------------------------------------------------------------- advertising
+
+    @property
+    def _skew_ms(self) -> int:
+        return int(self.config.clock_skew_seconds * 1000)
+
+    async def publish_ad(self) -> None:
+        cap = self.probe_capacity()
+        now = self.clock_ms()
+        seq = max(now, self.ad_state.seq + 1)  # survives restarts: newer ads always have a higher seq
+        ad = ad_from_capacity(self.identity, cap, seq=seq, config=self.config, addrs=self.addrs())
+        ttl_ms = int(self.config.ad_ttl_seconds * 1000)
+        envelope = seal(self.identity, ad, now=now, ttl_ms=ttl_ms, nonce=secrets.token_bytes(16))
+        await self.host.dht_put(cap_key(self.identity.peer_id), codec.encode(envelope))
+        classes = resource_classes(cap)
+        for resource_class in classes:
+            await self.host.provide(class_key(resource_class))
+        self._last_ad = ad
+        self.ad_state = AdState(seq=seq, published_at_ms=now, expires_at_ms=now + ttl_ms, classes=classes)
+
+    async def advertise_forever(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        started = False
+        while True:
+            try:
+                await self.publish_ad()
+            except (ValueError, RemoteProtocolError, net.NetError) as exc:
+                self.ad_state.last_error = str(exc)
+                self.say(f"could not publish the capacity ad (will retry): {exc}")
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(self.config.ad_refresh_seconds)
+
+    # ------------------------------------------------------------------------------------------- finding
+
+    async def _fetch_ad(self, peer_id: str, query: FindQuery, found: dict[str, dict[str, Any]]) -> None:
+        key = cap_key(peer_id)
+        with trio.move_on_after(FIND_LOOKUP_TIMEOUT_S):
+            try:
+                value = await self.host.dht_get(key)
+            except (ValueError, net.NetError) as exc:
+                logger.debug("ad lookup of %s failed: %s", peer_id, exc)
+                return
+            if value is None:
+                return
+            try:
+                verified = validate_ad_record(key, value, now=self.clock_ms(), max_skew_ms=self._skew_ms)
+            except RemoteProtocolError as exc:
+                logger.debug("ad of %s refused: %s", peer_id, exc)
+                return
+            if ad_matches(verified.ad, query):
+                found[peer_id] = ad_to_json(verified.ad, expires_at_ms=verified.envelope.expires_at)
+
+    async def find(self, query: FindQuery) -> list[dict[str, Any]]:
+        """Providers whose signed, unexpired ads satisfy ``query`` (hints confirmed by fetching the ad)."""
+        resource_class = "gpu" if query.gpus or query.gpu_model else "cpu"
+        candidates = await self.host.find_providers(class_key(resource_class), FIND_PROVIDERS_PER_CLASS)
+        found: dict[str, dict[str, Any]] = {}
+        if self._last_ad is not None and ad_matches(self._last_ad, query):
+            found[self.identity.peer_id] = ad_to_json(self._last_ad, expires_at_ms=self.ad_state.expires_at_ms)
+        async with trio.open_nursery() as nursery:
+            for peer_id in dict.fromkeys(candidates):
+                if peer_id != self.identity.peer_id:
+                    nursery.start_soon(self._fetch_ad, peer_id, query, found)
+        ranked = sorted(found.values(), key=lambda p: (p["load_permille"], p["peer_id"]))
+        return ranked[: query.limit]
+
+    # ------------------------------------------------------------------------------------------- API backend
+
+    def addrs(self) -> list[str]:
+        return display_addrs(self.host.addrs())
+
+    def api_id(self) -> dict[str, Any]:
+        return {"peer_id": self.identity.peer_id, "addrs": self.addrs()}
+
+    def api_peers(self) -> dict[str, Any]:
+        connected = set(self.host.connected_peers())
+        routing = set(self.host.routing_table_peers())
+        known = routing | connected
+        return {
+            "peers": [
+                {"peer_id": p, "connected": p in connected, "in_routing_table": p in routing} for p in sorted(known)
+            ]
+        }
+
+    def api_status(self) -> dict[str, Any]:
+        cap = self.capacity
+        stats = self.host.statistics()
+        return {
+            "peer_id": self.identity.peer_id,
+            "addrs": self.addrs(),
+            "uptime_s": round(trio.current_time() - self.started_at, 1),
+            "provide": self.config.provide,
+            "connected_peers": stats.connected_peers,
+            "routing_table_size": stats.routing_table_size,
+            "capacity": None
+            if cap is None
+            else {
+                "cpus": cap.cpus,
+                "memory_bytes": cap.memory_bytes,
+                "disk_free_bytes": cap.disk_free_bytes,
+                "load_permille": cap.load_permille,
+                "gpus": [{"index": g.index, "model": g.model, "memory_bytes": g.memory_bytes} for g in cap.gpus],
+                "gpu_status": cap.gpu_status,
+            },
+            "ad": {
+                "seq": self.ad_state.seq,
+                "published_at_ms": self.ad_state.published_at_ms,
+                "expires_at_ms": self.ad_state.expires_at_ms,
+                "classes": self.ad_state.classes,
+                "last_error": self.ad_state.last_error,
+            }
+            if self.config.provide
+            else None,
+            "bootstrap": [
+                {"address": b.address, "state": b.state, "attempts": b.attempts, "last_error": b.last_error}
+                for b in self.bootstrap
+            ],
+        }
+
+    async def api_find(self, query: FindQuery) -> dict[str, Any]:
+        return {"providers": await self.find(query)}
+
+
+async def _wait_for_signal(cancel_scope: trio.CancelScope, node_say: Callable[[str], None]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            node_say(f"received {signal.Signals(signum).name}, shutting down")
+            cancel_scope.cancel()
+            return
+
+
+async def run_node(config: NodeConfig, identity: Identity, *, out: TextIO = sys.stdout) -> None:
+    """Run the node until SIGINT/SIGTERM (or cancellation)."""
+    validate, select = record_validators(wall_clock_ms, int(config.clock_skew_seconds * 1000))
+    async with net.open_host(
+        seed=identity.seed(), listen=list(config.listen), dht_validate=validate, dht_select=select
+    ) as host:
+        node = Node(config=config, identity=identity, host=host, out=out)
+        node.say(f"peer id {identity.peer_id}")
+        for addr in node.addrs():
+            node.say(f"listening on {addr}")
+        shutdown = trio.Event()
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_wait_for_signal, scope, node.say)
+                token = new_token()
+                url = await nursery.start(
+                    partial(serve_api, node, host=config.api_host, port=config.api_port, token=token, shutdown=shutdown)
+                )
+                write_api_file(config.data_dir / API_FILE, url=url, token=token, peer_id=identity.peer_id)
+                node.say(f"local API on {url} (token in {config.data_dir / API_FILE})")
+                for state in node.bootstrap:
+                    nursery.start_soon(node.keep_bootstrap_peer, state)
+                if not config.bootstrap:
+                    node.say("no bootstrap peers: running as a one-node network that others can join")
+                if config.provide:
+                    await nursery.start(node.advertise_forever)
+                    assert node.capacity is not None
+                    node.say(f"offering {describe_capacity(node.capacity)}")
+                else:
+                    node.probe_capacity()
+                    node.say("not providing (--no-provide): this node only uses others' capacity")
+                node.say("ready")
+        shutdown.set()
+    (config.data_dir / API_FILE).unlink(missing_ok=True)
+    node.say("stopped")
+
+
+def describe_capacity(cap: MachineCapacity) -> str:
+    gib = 1 << 30
+    return (
+        f"{cap.cpus} CPUs, {cap.memory_bytes / gib:.1f} GiB memory, {cap.disk_free_bytes / gib:.0f} GiB disk free, "
+        f"{cap.gpu_status}"
+    )
+
+
+def data_dir_lock(data_dir: Path) -> None:
+    """Refuse to start a second node on the same data dir (its api.json names a live pid)."""
+    import json
+
+    path = data_dir / API_FILE
+    try:
+        pid = json.loads(path.read_text()).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(pid, int) and pid != os.getpid() and psutil.pid_exists(pid):
+        try:
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            return
+        if "start" in cmdline:
+            raise RuntimeError(f"another node (pid {pid}) is already running on {data_dir}")

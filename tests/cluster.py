@@ -1,0 +1,156 @@
+"""Real `node start` processes on 127.0.0.1 for multi-process tests.
+
+Each node gets its own data dir, a config with a fast ad cadence, port 0 for libp2p and the API, and is
+considered started when it prints ``coop: ready`` (read from its stdout: no sleeping).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+FAST_CONFIG = """\
+[network]
+listen = ["/ip4/127.0.0.1/tcp/0"]
+bootstrap_retry_max_seconds = 2
+
+[api]
+listen = "127.0.0.1:0"
+
+[provide]
+ad_refresh_seconds = {refresh}
+ad_ttl_seconds = {ttl}
+clock_skew_seconds = {skew}
+"""
+
+
+@dataclass
+class NodeProcess:
+    data_dir: Path
+    env: dict[str, str]
+    args: list[str]
+    process: trio.Process | None = None
+    lines: list[str] = field(default_factory=list)
+    ready: trio.Event = field(default_factory=trio.Event)
+    exited: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def peer_id(self) -> str:
+        return next(line.split()[-1] for line in self.lines if line.startswith("coop: peer id "))
+
+    @property
+    def address(self) -> str:
+        return next(line.split()[-1] for line in self.lines if line.startswith("coop: listening on "))
+
+    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        async for chunk in stream:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                line = raw.decode(errors="replace")
+                self.lines.append(line)
+                if line == "coop: ready":
+                    self.ready.set()
+        self.exited.set()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self.ready = trio.Event()
+        self.exited = trio.Event()
+        self.lines = []
+        cmd = [sys.executable, "-m", "node", "start", "--data-dir", str(self.data_dir), *self.args]
+        self.process = await trio.lowlevel.open_process(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env
+        )
+        nursery.start_soon(self._pump, self.process.stdout)
+        async with trio.open_nursery() as race:
+
+            async def ready() -> None:
+                await self.ready.wait()
+                race.cancel_scope.cancel()
+
+            async def died() -> None:
+                await self.exited.wait()
+                raise RuntimeError("node exited before it was ready:\n" + "\n".join(self.lines))
+
+            race.start_soon(ready)
+            race.start_soon(died)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+
+    async def stop(self) -> int:
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        return await self.process.wait()
+
+    async def cli(self, *args: str) -> object:
+        """Run `node ARGS --json --data-dir DIR` and parse its JSON output."""
+        cmd = [sys.executable, "-m", "node", *args, "--json", "--data-dir", str(self.data_dir)]
+        result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, env=self.env, check=False)
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} failed: {result.stderr.decode()}")
+        return json.loads(result.stdout)
+
+    def api_info(self) -> dict[str, str]:
+        return json.loads((self.data_dir / "api.json").read_text())
+
+
+def make_node(
+    base: Path,
+    name: str,
+    *,
+    bootstrap: list[str] = (),
+    refresh: float = 1,
+    ttl: float = 3,
+    skew: float = 0.5,
+    extra_env: dict[str, str] | None = None,
+    extra_args: list[str] = (),
+) -> NodeProcess:
+    data_dir = base / name
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "config.toml").write_text(FAST_CONFIG.format(refresh=refresh, ttl=ttl, skew=skew))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COOP_")}
+    env |= {"PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    args = [arg for b in bootstrap for arg in ("--bootstrap", b)] + list(extra_args)
+    return NodeProcess(data_dir=data_dir, env=env, args=args)
+
+
+class Launcher:
+    """Starts nodes in a nursery and kills whatever is still running when the test ends."""
+
+    def __init__(self, base: Path, nursery: trio.Nursery) -> None:
+        self.base = base
+        self.nursery = nursery
+        self.nodes: list[NodeProcess] = []
+
+    def make(self, name: str, **kwargs: object) -> NodeProcess:
+        node = make_node(self.base, name, **kwargs)  # type: ignore[arg-type]
+        self.nodes.append(node)
+        return node
+
+    async def start(self, node: NodeProcess) -> None:
+        await node.start(self.nursery)
+
+    def kill_all(self) -> None:
+        for node in self.nodes:
+            if node.process is not None and node.process.returncode is None:
+                node.process.kill()
+
+
+async def wait_until(predicate, *, interval: float = 0.25):
+    """Poll an async predicate until it returns a truthy value (the caller bounds time with fail_after)."""
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        await trio.sleep(interval)  # ok: polling another process's state, which offers nothing to await
