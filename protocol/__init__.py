@@ -10,5 +10,6 @@ Modules:
     pricing      price sheets, costs, worst-case estimates (integer milli-credits)
     negotiation  client and provider negotiation state machines
     records      DHT record keys and validation of signed capacity ads
+    market       provider quoting (admission, load-aware prices), offer ranking, failure explanations
     framing      length-prefixed frames over a byte stream, reassembled from any split
 """

@@ -94,6 +94,12 @@ class RejectCode(enum.StrEnum):
     BAD_SIGNATURE = "bad-signature"
     TIMEOUT = "timeout"
     UNSUPPORTED = "unsupported"
+    WITHDRAWN = "withdrawn"
+    UNKNOWN_AGREEMENT = "unknown-agreement"
+    AGREEMENT_USED = "agreement-used"
+    BAD_INPUT = "bad-input"
+    BAD_RECEIPT = "bad-receipt"
+    BAD_RESULT = "bad-result"
     INTERNAL = "internal"
 
 
@@ -527,3 +533,53 @@ class ReputationRecord:
         _uint(self.score, "score", maximum=100)
         _uint(self.time, "time")
         _text(self.comment, "comment", maximum=280)
+
+
+class ChunkKind(enum.StrEnum):
+    INPUT = "input"
+    OUTPUT = "output"
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    HEARTBEAT = "heartbeat"
+
+
+MAX_CHUNK_BYTES: Final = 256 << 10  # 256 KiB of data per frame
+
+
+@final
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk:
+    """A piece of a file or of a log on the job stream. Authenticated by the stream (Noise) and, for files, by
+    the digests in the signed JobSpec / JobResult; so it is sent as a bare frame, not an envelope."""
+
+    TYPE: ClassVar[str] = "chunk"
+    MAX_BYTES: ClassVar[int] = MAX_CHUNK_BYTES + 1024
+
+    job_id: str
+    kind: ChunkKind
+    name: str = ""
+    data: bytes = b""
+
+    def __post_init__(self) -> None:
+        _job_id(self.job_id)
+        _require(len(self.data) <= MAX_CHUNK_BYTES, f"chunk data over {MAX_CHUNK_BYTES} bytes")
+        _require(self.name == "" or file_name_ok(self.name), "bad chunk file name")
+
+
+@final
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobAccepted:
+    """The provider admitted a JobSpec and is ready for its inputs."""
+
+    TYPE: ClassVar[str] = "job-accepted"
+    MAX_BYTES: ClassVar[int] = 512
+    SIGNER: ClassVar[str] = "provider"
+
+    job_id: str
+    provider: str
+
+    def __post_init__(self) -> None:
+        _job_id(self.job_id)
+        _peer(self.provider, "provider")

@@ -53,6 +53,7 @@ class State(enum.Enum):
     IDLE = "idle"
     REQUESTED = "requested"  # client: waiting for a quote
     COUNTERED = "countered"  # client: waiting for a revised quote
+    QUOTED_CLIENT = "quote-in-hand"  # client: holds an acceptable quote; call accept() or withdraw()
     ACCEPTED = "accepted"  # client: waiting for the countersigned agreement
     QUOTED = "quoted"  # provider: waiting for accept / counter
     DONE = "done"
@@ -63,6 +64,15 @@ class State(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Send:
     message: QuoteRequest | Quote | Counter | Accept | Reject | Agreement
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Quoted:
+    """The client holds an acceptable quote (worst-case ``cost``); the caller ranks and calls accept()."""
+
+    quote: Quote
+    cost: int
 
 
 @final
@@ -78,7 +88,7 @@ class Failed:
     message: str
 
 
-Action = Send | Completed | Failed
+Action = Send | Quoted | Completed | Failed
 
 
 def agreement_for(request: QuoteRequest, quote: Quote) -> Agreement:
@@ -149,6 +159,8 @@ class _Machine:
     def on_timeout(self, now: int) -> list[Action]:
         if self.terminal or self._deadline is None or now < self._deadline:
             return []
+        if self.state is State.QUOTED_CLIENT:
+            return self._fail(RejectCode.QUOTE_EXPIRED, "the quote expired before it was accepted")
         return self._fail(RejectCode.TIMEOUT, f"no answer from the peer in state {self.state.value}")
 
 
@@ -214,17 +226,9 @@ class ClientNegotiation(_Machine):
         self.last_quote = quote
         cost = self.quoted_cost(quote)
         if cost <= self.request.max_price:
-            agreement = sign_as(self.identity, agreement_for(self.request, quote), "client")
-            self._agreement = agreement
-            self.state = State.ACCEPTED
-            self._deadline = now + self.timeout_ms
-            accept = Accept(
-                job_id=self.request.job_id,
-                client=self.identity.peer_id,
-                quote_hash=message_hash(quote),
-                client_signature=agreement.client_signature,
-            )
-            return [Send(accept)]
+            self.state = State.QUOTED_CLIENT
+            self._deadline = quote.valid_until
+            return [Quoted(quote, cost)]
         if self.rounds >= self.max_rounds:
             return self._fail(
                 RejectCode.ABOVE_MAX_PRICE,
@@ -242,6 +246,33 @@ class ClientNegotiation(_Machine):
             round=self.rounds,
         )
         return [Send(counter)]
+
+    def accept(self, now: int) -> list[Action]:
+        """Accept the quote in hand: sign the derived Agreement and send the Accept."""
+        if self.state is not State.QUOTED_CLIENT or self.last_quote is None:
+            return []
+        if self.last_quote.valid_until <= now:
+            return self._fail(RejectCode.QUOTE_EXPIRED, "the quote expired before it was accepted")
+        agreement = sign_as(self.identity, agreement_for(self.request, self.last_quote), "client")
+        self._agreement = agreement
+        self.state = State.ACCEPTED
+        self._deadline = now + self.timeout_ms
+        accept = Accept(
+            job_id=self.request.job_id,
+            client=self.identity.peer_id,
+            quote_hash=message_hash(self.last_quote),
+            client_signature=agreement.client_signature,
+        )
+        return [Send(accept)]
+
+    def withdraw(self, message: str = "another offer was chosen") -> list[Action]:
+        """Decline politely (a signed Reject to the provider) and end this negotiation."""
+        if self.terminal:
+            return []
+        reject = Reject(
+            job_id=self.request.job_id, peer=self.identity.peer_id, code=RejectCode.WITHDRAWN, message=message
+        )
+        return [Send(reject), *self._fail(RejectCode.WITHDRAWN, message)]
 
     def _on_agreement(self, agreement: Agreement) -> list[Action]:
         assert self._agreement is not None

@@ -20,6 +20,7 @@ from protocol.negotiation import (
     Failed,
     FloorPolicy,
     ProviderNegotiation,
+    Quoted,
     Send,
     State,
 )
@@ -50,7 +51,10 @@ class FakeLink:
         while pending:
             now += step_ms
             to, action = pending.pop(0)
-            if not isinstance(action, Send):
+            if not isinstance(action, Send | Quoted):
+                continue
+            if isinstance(action, Quoted):
+                pending += [("provider", a) for a in self.client.accept(now)]
                 continue
             self.transcript.append(type(action.message).TYPE)
             if to == "provider":
@@ -116,7 +120,9 @@ def test_counter_may_move_price_up():
     counter = Counter(job_id="job-1", client=ALICE.peer_id, quote_hash=_hash(quote), price_sheet=FLOOR, round=1)
     (send,) = provider.receive(counter, NOW + 1)
     assert send.message.price_sheet.start_fee == FLOOR.start_fee + 1
-    (accept,) = client.receive(send.message, NOW + 2)
+    (quoted,) = client.receive(send.message, NOW + 2)
+    assert isinstance(quoted, Quoted)
+    (accept,) = client.accept(NOW + 3)
     assert isinstance(accept.message, Accept)
 
 
@@ -181,7 +187,8 @@ def test_client_refuses_agreement_with_changed_terms():
     client, provider = pair(floor=FLOOR, max_price=100_000)
     (send_request,) = client.start(NOW)
     (send_quote,) = provider.receive(send_request.message, NOW + 1)
-    (send_accept,) = client.receive(send_quote.message, NOW + 2)
+    client.receive(send_quote.message, NOW + 2)
+    (send_accept,) = client.accept(NOW + 2)
     send_agreement, _done = provider.receive(send_accept.message, NOW + 3)
     tampered = dataclasses.replace(send_agreement.message, max_cost=10**9)
     (failed,) = client.receive(tampered, NOW + 4)
@@ -203,7 +210,8 @@ def test_expired_quote_is_not_accepted_by_provider():
     provider = ProviderNegotiation(identity=BOB, policy=FloorPolicy(floor=FLOOR), quote_ttl_ms=100)
     client.start(NOW)
     (send_quote,) = provider.receive(request, NOW)
-    (send_accept,) = client.receive(send_quote.message, NOW + 50)
+    client.receive(send_quote.message, NOW + 50)
+    (send_accept,) = client.accept(NOW + 50)
     actions = provider.receive(send_accept.message, NOW + 101)
     assert actions[0].message.code is RejectCode.QUOTE_EXPIRED
 
@@ -236,3 +244,25 @@ def test_property_outcomes_agree_and_respect_max_price(floor_cpu, list_extra, st
         floor_cost = worst_case_cost(client.request.resources, client.request.limits, floor)
         if floor_cost <= max_price and rounds >= 3 and list_extra == 0:
             pytest.fail("a request at or above the floor with list == floor must succeed")
+
+
+def test_client_can_withdraw_and_quotes_in_hand_expire():
+    request = quote_request()
+    client = ClientNegotiation(identity=ALICE, request=request, provider=BOB.peer_id)
+    provider = ProviderNegotiation(identity=BOB, policy=FloorPolicy(floor=FLOOR), quote_ttl_ms=1000)
+    client.start(NOW)
+    (send_quote,) = provider.receive(request, NOW)
+    (quoted,) = client.receive(send_quote.message, NOW + 1)
+    assert isinstance(quoted, Quoted)
+    assert client.next_deadline() == send_quote.message.valid_until
+    (expired,) = client.on_timeout(send_quote.message.valid_until)
+    assert expired.code is RejectCode.QUOTE_EXPIRED
+
+    other = ClientNegotiation(identity=ALICE, request=request, provider=BOB.peer_id)
+    other.start(NOW)
+    other.receive(send_quote.message, NOW + 1)
+    send_reject, failed = other.withdraw()
+    assert failed.code is RejectCode.WITHDRAWN
+    assert send_reject.message.code is RejectCode.WITHDRAWN
+    (gone,) = provider.receive(send_reject.message, NOW + 2)
+    assert gone.code is RejectCode.WITHDRAWN
