@@ -35,7 +35,7 @@ import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Final, final
 
@@ -77,6 +77,7 @@ DEFAULT_READ_BYTES: Final = 64 * 1024  # 64 KiB
 PROVIDER_QUERY_TIMEOUT_S: Final = 5.0
 PROVIDER_ADDR_TTL_S: Final = 600  # how long a provider's advertised addresses stay dialable
 _RESET_TIMEOUT_S: Final = 1.0  # bound on the shielded reset after a failed or cancelled handler
+_CLOSE_TIMEOUT_S: Final = 2.0  # bound on closing every connection at shutdown
 
 # Errors py-libp2p raises on stream I/O when the peer or the connection goes away or misbehaves.
 _STREAM_ERRORS: Final = (IOException, MuxedStreamError, MuxedConnError)
@@ -127,6 +128,7 @@ class NetStatistics:
     streams_dropped: int  # inbound streams whose handler raised NetError/RemoteProtocolError
     frames_too_large: int
     dht_records_rejected: int  # records dht_get refused on re-validation
+    refused: dict[str, int]  # inbound streams dropped, by error code (oversized, malformed, bad-signature...)
 
 
 @dataclass(slots=True)
@@ -137,6 +139,7 @@ class _Counters:
     streams_dropped: int = 0
     frames_too_large: int = 0
     dht_records_rejected: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 @final
@@ -398,6 +401,14 @@ class NetHost:
             raise DialError(f"could not connect to {address}: {_root_reason(exc)}") from exc
         return peer_id
 
+    async def close_all_connections(self) -> None:
+        """Close every connection (used on shutdown, so peers notice at once)."""
+        for pid in list(self._host.get_connected_peers()):
+            try:
+                await self._host.disconnect(pid)
+            except (BaseLibp2pError, *_STREAM_ERRORS, OSError, trio.BrokenResourceError) as exc:
+                logger.debug("closing the connection to %s failed: %r", pid, exc)
+
     async def disconnect(self, peer_id: str) -> None:
         """Close every connection to ``peer_id`` (no-op if none)."""
         await self._host.disconnect(_parse_peer_id(peer_id))
@@ -419,6 +430,8 @@ class NetHost:
                 await handler(stream)
             except (NetError, RemoteProtocolError) as exc:
                 self._counters.streams_dropped += 1
+                code = exc.code if isinstance(exc, RemoteProtocolError) else type(exc).__name__
+                self._counters.refused[code] = self._counters.refused.get(code, 0) + 1
                 logger.debug("dropped a %s stream from %s: %r", protocol_id, stream.remote_peer, exc)
                 await stream._reset_shielded()
                 return
@@ -492,23 +505,28 @@ class NetHost:
     async def dht_get(self, key: str) -> bytes | None:
         """Return the best value stored under ``key``, or ``None`` if none was found or it fails validation.
 
-        libp2p returns a local copy first, unvalidated (trap 5), so the result is re-validated here. Freshness is
-        the caller's to check.
+        libp2p returns a local copy first, unvalidated and kept for 24 h (trap 5), so the result is re-validated
+        here; a local copy that no longer validates (an expired ad) is dropped and the network is asked instead.
+        Freshness beyond what the validator checks is the caller's.
 
         Raises:
             ValueError: a malformed key.
         """
         _check_record_key(key)
-        value = await self._dht.get_value(key)
-        if value is None:
-            return None
-        try:
-            self._validator.validate(key, value)
-        except (ProtocolError, ValueError) as exc:
-            self._counters.dht_records_rejected += 1
-            logger.debug("dropping an invalid DHT record under %s: %r", key, exc)
-            return None
-        return value
+        for _ in range(2):
+            value = await self._dht.get_value(key)
+            if value is None:
+                return None
+            try:
+                self._validator.validate(key, value)
+            except (ProtocolError, ValueError) as exc:
+                self._counters.dht_records_rejected += 1
+                logger.debug("dropping an invalid DHT record under %s: %r", key, exc)
+                if not self._dht.value_store.remove(key.encode()):
+                    return None  # it came from the network: nothing better to ask for
+                continue
+            return value
+        return None
 
     async def provide(self, key: str) -> bool:
         """Announce that we provide ``key`` (2-50 bytes of UTF-8; hash long names). Returns libp2p's success flag.
@@ -635,7 +653,15 @@ async def open_host(
             dht = KadDHT(host, DHTMode.SERVER, strict_validation=True)
             dht.register_validator(COOP_DHT_NAMESPACE, validator)
             async with background_trio_service(dht):
-                yield NetHost(host, dht, validator)
+                net_host = NetHost(host, dht, validator)
+                try:
+                    yield net_host
+                finally:
+                    # host.run() leaves established connections open when it stops (their sockets are only
+                    # reclaimed by the GC: trap 15), so peers keep a live-looking connection to a node that is
+                    # gone and every DHT query to it waits out a 10 s timeout. Close them explicitly.
+                    with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT_S):
+                        await net_host.close_all_connections()
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
         if len(leaves) != 1:
