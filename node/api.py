@@ -43,6 +43,7 @@ class FindQuery:
 
 
 class ApiBackend(Protocol):
+    def extra_routes(self) -> list[Route]: ...
     def api_id(self) -> dict[str, Any]: ...
     def api_peers(self) -> dict[str, Any]: ...
     def api_status(self) -> dict[str, Any]: ...
@@ -120,6 +121,7 @@ def build_app(backend: ApiBackend, token: str) -> Starlette:
         Route(f"/{API_VERSION}/peers", sync_route(backend.api_peers)),
         Route(f"/{API_VERSION}/status", sync_route(backend.api_status)),
         Route(f"/{API_VERSION}/find", find),
+        *backend.extra_routes(),
     ]
     return Starlette(routes=routes, middleware=[Middleware(_TokenAuth, token=token)])
 

@@ -37,6 +37,8 @@ class NodeConfig:
     api_host: str = "127.0.0.1"
     api_port: int = 7410
     provide: bool = True
+    max_jobs: int = 2
+    allow_unsandboxed: bool = False
     price_sheet: PriceSheet = field(default_factory=lambda: PriceSheet(per_cpu_second=10, per_gib_second=2))
     ad_refresh_seconds: float = 60.0
     ad_ttl_seconds: float = 120.0
@@ -68,6 +70,8 @@ listen = "{api}"
 [provide]
 # Offer this machine's capacity to the network. false = only use others' (same as --no-provide).
 enabled = true
+# Jobs run at once for other peers (each in its own sandbox).
+max_jobs = 2
 # Re-publish the signed capacity ad this often, and let each ad expire after ad_ttl_seconds (Petals: 60/120).
 ad_refresh_seconds = 60
 ad_ttl_seconds = 120
@@ -95,7 +99,9 @@ def default_data_dir(environ: dict[str, str] | None = None) -> Path:
 
 
 def ensure_data_dir(data_dir: Path) -> None:
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # 0711: others may traverse (the unprivileged uid that runs jobs must reach DATA_DIR/work) but not list;
+    # the secrets in it (key, api.json, coop.db) are 0600 themselves.
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
     if not os.access(data_dir, os.W_OK):
         raise ConfigError(f"data dir {data_dir} is not writable")
 
@@ -169,7 +175,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
     known = {
         "network": {"listen", "bootstrap", "bootstrap_retry_max_seconds", "routing_refresh_seconds"},
         "api": {"listen"},
-        "provide": {"enabled", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
+        "provide": {"enabled", "max_jobs", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
     }
     for section, table in raw.items():
@@ -207,6 +213,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         api_host=api_host,
         api_port=api_port,
         provide=_get(prov, "enabled", bool, "provide", base.provide),
+        max_jobs=max(1, _get(prov, "max_jobs", int, "provide", base.max_jobs)),
         price_sheet=sheet,
         ad_refresh_seconds=_positive(
             _get(prov, "ad_refresh_seconds", number, "provide", base.ad_refresh_seconds), "provide.ad_refresh_seconds"

@@ -15,11 +15,13 @@ clock.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,14 +34,22 @@ import trio
 
 from node import net
 from node.api import FindQuery, new_token, serve_api, write_api_file
+from node.api_jobs import job_routes
 from node.capacity.fake_nvml import nvml_from_env
 from node.capacity.probe import probe
 from node.capacity.summary import MachineCapacity, gpu_model_matches, resource_classes
-from node.config import API_FILE, NodeConfig
+from node.config import API_FILE, DB_FILE, NodeConfig
+from node.market.jobs import JobManager
+from node.market.provider import ProviderService
+from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel
+from node.sandbox.doctor import collect_facts
+from node.sandbox.executor import Executor
+from node.store import Store
 from protocol import codec
 from protocol.envelope import seal
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Identity
+from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID
 from protocol.messages import CapacityAd, GpuSpec
 from protocol.records import CAP_PREFIX, cap_key, class_key, select_ad_record, validate_ad_record
 
@@ -73,7 +83,7 @@ class AdState:
 
 
 def ad_from_capacity(
-    identity: Identity, cap: MachineCapacity, *, seq: int, config: NodeConfig, addrs: list[str]
+    identity: Identity, cap: MachineCapacity, *, seq: int, config: NodeConfig, addrs: list[str], tier: str
 ) -> CapacityAd:
     return CapacityAd(
         peer=identity.peer_id,
@@ -82,7 +92,7 @@ def ad_from_capacity(
         memory_bytes=cap.memory_bytes,
         disk_bytes=cap.disk_free_bytes,
         gpus=tuple(GpuSpec(model=g.model[:128], memory_bytes=g.memory_bytes) for g in cap.gpus),
-        sandbox_tier="unknown",
+        sandbox_tier=tier,
         price_sheet=config.price_sheet,
         load_permille=cap.load_permille,
         addrs=tuple(a for a in addrs if len(a) <= 256)[:MAX_AD_ADDRS],
@@ -173,6 +183,24 @@ class Node:
         self.capacity: MachineCapacity | None = None
         self._nvml = nvml_from_env(os.environ)
         self._last_ad: CapacityAd | None = None
+        self.sandbox_tier = "none"
+        self.jobs: JobManager | None = None
+        self.store: Store | None = None
+
+    def extra_routes(self) -> list[Any]:
+        if self.jobs is None or self.store is None:
+            return []
+        return job_routes(self.jobs, self.store, self.identity.peer_id)
+
+    async def find_peer_ids(self, req: dict[str, Any]) -> list[str]:
+        """Providers for a job submission (the JobManager's finder)."""
+        query = FindQuery(cpus=req["cpus"], memory_bytes=req["memory_bytes"], gpus=req["gpus"],
+                          gpu_model=req["gpu_model"], limit=50)  # fmt: skip
+        return [p["peer_id"] for p in await self.find(query)]
+
+    def capacity_tuple(self) -> tuple[int, int, int, tuple[str, ...]]:
+        cap = self.capacity or self.probe_capacity()
+        return cap.cpus, cap.memory_bytes, cap.disk_free_bytes, tuple(g.model for g in cap.gpus)
 
     def say(self, text: str) -> None:
         print(f"coop: {text}", file=self.out, flush=True)
@@ -220,7 +248,9 @@ class Node:
         cap = self.probe_capacity()
         now = self.clock_ms()
         seq = max(now, self.ad_state.seq + 1)  # survives restarts: newer ads always have a higher seq
-        ad = ad_from_capacity(self.identity, cap, seq=seq, config=self.config, addrs=self.addrs())
+        ad = ad_from_capacity(
+            self.identity, cap, seq=seq, config=self.config, addrs=self.addrs(), tier=self.sandbox_tier
+        )
         ttl_ms = int(self.config.ad_ttl_seconds * 1000)
         envelope = seal(self.identity, ad, now=now, ttl_ms=ttl_ms, nonce=secrets.token_bytes(16))
         await self.host.dht_put(cap_key(self.identity.peer_id), codec.encode(envelope))
@@ -254,6 +284,7 @@ class Node:
                 logger.debug("ad lookup of %s failed: %s", peer_id, exc)
                 return
             if value is None:
+                logger.debug("no ad found for %s", peer_id)
                 return
             try:
                 verified = validate_ad_record(key, value, now=self.clock_ms(), max_skew_ms=self._skew_ms)
@@ -267,6 +298,7 @@ class Node:
         """Providers whose signed, unexpired ads satisfy ``query`` (hints confirmed by fetching the ad)."""
         resource_class = "gpu" if query.gpus or query.gpu_model else "cpu"
         candidates = await self.host.find_providers(class_key(resource_class), FIND_PROVIDERS_PER_CLASS)
+        logger.debug("find %s: provider hints %s", resource_class, candidates)
         found: dict[str, dict[str, Any]] = {}
         if self._last_ad is not None and ad_matches(self._last_ad, query):
             found[self.identity.peer_id] = ad_to_json(self._last_ad, expires_at_ms=self.ad_state.expires_at_ms)
@@ -305,6 +337,7 @@ class Node:
             "provide": self.config.provide,
             "connected_peers": stats.connected_peers,
             "routing_table_size": stats.routing_table_size,
+            "refused_streams": stats.refused,
             "capacity": None
             if cap is None
             else {
@@ -349,6 +382,18 @@ async def run_node(config: NodeConfig, identity: Identity, *, out: TextIO = sys.
         seed=identity.seed(), listen=list(config.listen), dht_validate=validate, dht_select=select
     ) as host:
         node = Node(config=config, identity=identity, host=host, out=out)
+        store = Store.open(config.data_dir / DB_FILE)
+        node.store = store
+        messenger = Messenger(identity, wall_clock_ms, max_skew_ms=int(config.clock_skew_seconds * 1000))
+        provider = await _make_provider(node, config, identity, messenger, store)
+        jobs_dir = config.data_dir / "jobs"
+        jobs_dir.mkdir(exist_ok=True)
+        node.jobs = JobManager(identity=identity, messenger=messenger, store=store, host=host,
+                               find_providers=node.find_peer_ids, provider=provider, jobs_dir=jobs_dir,
+                               clock_ms=wall_clock_ms)  # fmt: skip
+        if provider is not None:
+            host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))
+            host.set_stream_handler(JOB_PROTOCOL_ID, _handler(provider.rpc_job))
         node.say(f"peer id {identity.peer_id}")
         for addr in node.addrs():
             node.say(f"listening on {addr}")
@@ -362,21 +407,77 @@ async def run_node(config: NodeConfig, identity: Identity, *, out: TextIO = sys.
                 )
                 write_api_file(config.data_dir / API_FILE, url=url, token=token, peer_id=identity.peer_id)
                 node.say(f"local API on {url} (token in {config.data_dir / API_FILE})")
+                await nursery.start(node.jobs.serve)
                 for state in node.bootstrap:
                     nursery.start_soon(node.keep_bootstrap_peer, state)
                 if not config.bootstrap:
                     node.say("no bootstrap peers: running as a one-node network that others can join")
-                if config.provide:
+                if provider is not None:
                     await nursery.start(node.advertise_forever)
                     assert node.capacity is not None
-                    node.say(f"offering {describe_capacity(node.capacity)}")
+                    node.say(f"offering {describe_capacity(node.capacity)}, jobs sandboxed with {node.sandbox_tier}")
                 else:
                     node.probe_capacity()
-                    node.say("not providing (--no-provide): this node only uses others' capacity")
+                    if config.provide:
+                        node.say("not providing: no usable sandbox here (run `node doctor` for the fix)")
+                    else:
+                        node.say("not providing (--no-provide): this node only uses others' capacity")
                 node.say("ready")
         shutdown.set()
+        store.close()
     (config.data_dir / API_FILE).unlink(missing_ok=True)
     node.say("stopped")
+
+
+async def _make_provider(
+    node: Node, config: NodeConfig, identity: Identity, messenger: Messenger, store: Store
+) -> ProviderService | None:
+    if not config.provide:
+        return None
+    facts = await trio.to_thread.run_sync(collect_facts)
+    executor = Executor(facts=facts, max_concurrent=config.max_jobs, allow_unsandboxed=config.allow_unsandboxed)
+    if executor.decision.tier is None:
+        node.say(f"cannot run jobs: {executor.decision.reason}")
+        return None
+    node.sandbox_tier = executor.decision.tier.value
+    work_root = choose_work_root(config.data_dir)
+    return ProviderService(identity=identity, messenger=messenger, store=store, executor=executor,
+                           work_root=work_root, price_sheet=config.price_sheet, capacity=node.capacity_tuple,
+                           max_concurrent=config.max_jobs, clock_ms=wall_clock_ms)  # fmt: skip
+
+
+def _traversable_by_others(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.exists())
+
+
+def choose_work_root(data_dir: Path) -> Path:
+    """Where job work dirs go: DATA_DIR/work when the unprivileged job uid can reach it, else a private dir
+    under the system temp dir (as root, the default data dir sits under /root, which others cannot traverse)."""
+    if os.geteuid() != 0 or _traversable_by_others(data_dir):
+        root = data_dir / "work"
+    else:
+        tag = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+        root = Path(tempfile.gettempdir()) / f"coop-work-{tag}"
+    root.mkdir(mode=0o711, exist_ok=True)
+    root.chmod(0o711)
+    return root
+
+
+def _handler(rpc: Callable[[FrameChannel], Any]) -> Callable[[net.NetStream], Any]:
+    async def handle(stream: net.NetStream) -> None:
+        try:
+            await rpc(StreamChannel(stream))
+        except (ChannelClosed, trio.TooSlowError) as exc:
+            logger.debug("%s stream from %s ended: %r", stream.protocol, stream.remote_peer, exc)
+        except RemoteProtocolError:
+            raise  # the adapter counts it against the peer and resets the stream
+        except Exception:
+            # A bug in our handler must not take the whole node down with it (libp2p would let it cancel the
+            # host's nursery). Log it loudly, drop this one stream, keep serving everyone else.
+            logger.exception("internal error in a %s handler (peer %s)", stream.protocol, stream.remote_peer)
+            await stream.reset()
+
+    return handle
 
 
 def describe_capacity(cap: MachineCapacity) -> str:

@@ -138,3 +138,7 @@ def explain_failures(reasons: list[RejectCode], *, max_price: int, candidates: i
 def resource_class(request: QuoteRequest) -> str:
     """The market segment a request belongs to, for price statistics (``cpu`` or ``gpu``)."""
     return "gpu" if request.resources.gpus else "cpu"
+
+
+NEGOTIATE_PROTOCOL_ID: Final = "/coop/negotiate/1.0.0"
+JOB_PROTOCOL_ID: Final = "/coop/job/1.0.0"

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import trio
 
 FAST_CONFIG = """\
@@ -28,6 +29,9 @@ listen = "127.0.0.1:0"
 ad_refresh_seconds = {refresh}
 ad_ttl_seconds = {ttl}
 clock_skew_seconds = {skew}
+
+[pricing]
+per_cpu_second = {per_cpu_second}
 """
 
 
@@ -104,6 +108,27 @@ class NodeProcess:
     def api_info(self) -> dict[str, str]:
         return json.loads((self.data_dir / "api.json").read_text())
 
+    async def api(self, method: str, path: str, **kwargs: object) -> object:
+        """Call the node's local API; return the JSON body (or raw bytes for non-JSON)."""
+        info = self.api_info()
+        headers = {"Authorization": f"Bearer {info['token']}"}
+        async with httpx.AsyncClient(base_url=info["url"], headers=headers, trust_env=False, timeout=60) as http:
+            response = await http.request(method, path, **kwargs)
+        assert response.status_code < 300, (response.status_code, response.text)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.content
+
+    async def submit(self, command: list[str], **fields: object) -> str:
+        body = {"command": command, "timeout": 60, "memory_bytes": 64 << 20, **fields}
+        return (await self.api("POST", "/v1/jobs", json=body))["job_id"]
+
+    async def wait_job(self, job_id: str, *, states=("completed", "failed", "cancelled")) -> dict:
+        while True:
+            job = await self.api("GET", f"/v1/jobs/{job_id}/wait", params={"timeout": 5})
+            if job["state"] in states:
+                return job
+
 
 def make_node(
     base: Path,
@@ -115,10 +140,12 @@ def make_node(
     skew: float = 0.5,
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] = (),
+    per_cpu_second: int = 10,
 ) -> NodeProcess:
     data_dir = base / name
     data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "config.toml").write_text(FAST_CONFIG.format(refresh=refresh, ttl=ttl, skew=skew))
+    config = FAST_CONFIG.format(refresh=refresh, ttl=ttl, skew=skew, per_cpu_second=per_cpu_second)
+    (data_dir / "config.toml").write_text(config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("COOP_")}
     env |= {"PYTHONUNBUFFERED": "1", **(extra_env or {})}
     args = [arg for b in bootstrap for arg in ("--bootstrap", b)] + list(extra_args)
@@ -141,10 +168,11 @@ class Launcher:
     async def start(self, node: NodeProcess) -> None:
         await node.start(self.nursery)
 
-    def kill_all(self) -> None:
+    async def kill_all(self) -> None:
         for node in self.nodes:
             if node.process is not None and node.process.returncode is None:
                 node.process.kill()
+                await node.process.wait()
 
 
 async def wait_until(predicate, *, interval: float = 0.25):

@@ -1,4 +1,5 @@
 import pytest
+import trio
 
 from tests.cluster import Launcher
 
@@ -9,4 +10,5 @@ async def launcher(tmp_path, nursery):
     try:
         yield launcher
     finally:
-        launcher.kill_all()
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            await launcher.kill_all()

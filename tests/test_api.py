@@ -13,6 +13,9 @@ class FakeBackend:
     def __init__(self):
         self.queries = []
 
+    def extra_routes(self):
+        return []
+
     def api_id(self):
         return {"peer_id": "12D3KooWtest", "addrs": []}
 

@@ -1,0 +1,537 @@
+"""The client side of the market: one JobManager per node runs every job this node submits.
+
+Theory of operation
+-------------------
+``submit`` stages the inputs under ``DATA_DIR/jobs/<id>/``, records the job in SQLite and starts a task:
+
+1. find candidates (signed, unexpired capacity ads that fit the resources; this node too if it provides);
+2. ask up to ``k`` of them for quotes in parallel (counter-offers happen inside each negotiation machine);
+3. rank the acceptable offers (cost, trust, latency), accept the best, withdraw from the rest;
+4. run the job stream: JobSpec, inputs, live logs, JobResult, outputs (digest-checked), Receipt (verified and
+   countersigned), then store the receipt and mark the job completed.
+
+A provider that dies, stalls (no heartbeat), refuses, or sends a bad digest or a wrong receipt ends that attempt;
+the job goes to the next candidate with the same job id (at-least-once), up to ``max_attempts``. Every attempt is
+recorded, so a job that ran twice says so. A job nobody takes fails with the reasons of every candidate.
+After a restart, unfinished jobs are resumed from the start (their attempts history shows the restart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import trio
+
+from node import net
+from node.market.provider import ProviderService
+from node.market.requests import SubmitRequest, new_job_id, sha256_file
+from node.market.transfer import DigestMismatch, receive_file, send_file
+from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel, loopback_pair
+from node.store import Store
+from protocol import codec
+from protocol.cosign import sign_as, terms_hash, verify_role
+from protocol.envelope import message_hash
+from protocol.errors import BadSignature, RemoteProtocolError
+from protocol.identity import Identity
+from protocol.market import (
+    JOB_PROTOCOL_ID,
+    NEGOTIATE_PROTOCOL_ID,
+    NEUTRAL_TRUST,
+    Offer,
+    explain_failures,
+    rank_offers,
+    resource_class,
+)
+from protocol.messages import (
+    Agreement,
+    Chunk,
+    ChunkKind,
+    FileRef,
+    JobAccepted,
+    JobResult,
+    JobSpec,
+    Quote,
+    QuoteRequest,
+    Receipt,
+    Reject,
+    RejectCode,
+)
+from protocol.negotiation import ClientNegotiation, Completed, Failed, Quoted, Send
+from protocol.pricing import cost_of
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K: Final = 5
+MAX_ATTEMPTS: Final = 3
+NEGOTIATION_TIMEOUT_S: Final = 10.0
+STALL_TIMEOUT_S: Final = 15.0  # several provider heartbeats missed
+TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
+USAGE_SLACK_MS: Final = 60_000
+DISCOVERY_PATIENCE_S: Final = 20.0  # how long a job waits for a first fitting provider to appear
+DISCOVERY_RETRY_S: Final = 1.0
+BUSY_PATIENCE_S: Final = 600.0  # how long a job queues while every fitting provider is busy
+BUSY_RETRY_MAX_S: Final = 5.0
+WAIT_FOR: Final = frozenset({RejectCode.BUSY})
+
+
+class AttemptFailed(Exception):
+    """This provider did not deliver (died, stalled, refused, lied). The job moves on to the next candidate."""
+
+
+@dataclass
+class _Pending:
+    provider: str
+    machine: ClientNegotiation
+    channel: FrameChannel
+    quote: Quote
+    cost: int
+    latency_ms: float
+
+
+Finder = Callable[[dict[str, Any]], Awaitable[list[str]]]
+
+
+class JobManager:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        messenger: Messenger,
+        store: Store,
+        host: net.NetHost,
+        find_providers: Finder,
+        provider: ProviderService | None,
+        jobs_dir: Path,
+        clock_ms: Callable[[], int],
+        k: int = DEFAULT_K,
+        max_attempts: int = MAX_ATTEMPTS,
+        trust: Callable[[str], float] = lambda peer: NEUTRAL_TRUST,
+        discovery_patience_s: float = DISCOVERY_PATIENCE_S,
+        busy_patience_s: float = BUSY_PATIENCE_S,
+    ) -> None:
+        self.identity = identity
+        self.messenger = messenger
+        self.store = store
+        self.host = host
+        self.find_providers = find_providers
+        self.provider = provider
+        self.jobs_dir = jobs_dir
+        self.clock_ms = clock_ms
+        self.k = k
+        self.max_attempts = max_attempts
+        self.trust = trust
+        self.discovery_patience_s = discovery_patience_s
+        self.busy_patience_s = busy_patience_s
+        self._nursery: trio.Nursery | None = None
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._changed: dict[str, trio.Event] = {}
+
+    # ------------------------------------------------------------------------------------------- service
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run jobs until cancelled; first resume what a previous run of this node left unfinished."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            now = self.clock_ms()
+            for row in self.store.unfinished_jobs("provider"):
+                self.store.update_job(row.job_id, "provider", now_ms=now, state="failed",
+                                      error="this node restarted while running the job; it was killed")  # fmt: skip
+            for row in self.store.unfinished_jobs("client"):
+                for attempt in self.store.attempts(row.job_id):
+                    if attempt.ended_ms is None:
+                        self.store.end_attempt(row.job_id, attempt.attempt, outcome="interrupted", now_ms=now,
+                                               reason="this node restarted during the attempt")  # fmt: skip
+                self.store.update_job(row.job_id, "client", now_ms=now, state="queued",
+                                      error="resumed after this node restarted")  # fmt: skip
+                self._start(row.job_id)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _start(self, job_id: str) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._scopes[job_id] = scope
+        self._nursery.start_soon(self._run_job, job_id, scope)
+
+    def _set(self, job_id: str, **fields: Any) -> None:
+        self.store.update_job(job_id, "client", now_ms=self.clock_ms(), **fields)
+        self._changed.pop(job_id, trio.Event()).set()
+
+    # ------------------------------------------------------------------------------------------- API
+
+    async def submit(self, request: SubmitRequest) -> str:
+        job_id = request.job_id or new_job_id()
+        if self.store.get_job(job_id, "client") is not None:
+            raise ValueError(f"job {job_id} already exists")
+        job_dir = self.jobs_dir / job_id
+        inputs_dir = job_dir / "inputs"
+        inputs_dir.mkdir(parents=True)
+        refs = []
+        for source in request.inputs:
+            dest = inputs_dir / source.name
+            if source.path is not None:
+                shutil.copyfile(source.path, dest)
+            else:
+                dest.write_bytes(source.data or b"")
+            refs.append({"name": source.name, "sha256": sha256_file(dest), "size": dest.stat().st_size})
+        record = request.to_json() | {"inputs": refs, "env": request.env}
+        self.store.create_job(job_id=job_id, role="client", state="queued", now_ms=self.clock_ms(),
+                              client=self.identity.peer_id, request=record)  # fmt: skip
+        self._start(job_id)
+        return job_id
+
+    async def wait(self, job_id: str, *, seconds: float) -> None:
+        """Return when the job is terminal or ``seconds`` passed."""
+        with trio.move_on_after(seconds):
+            while True:
+                row = self.store.get_job(job_id, "client")
+                if row is None or row.state in TERMINAL:
+                    return
+                await self._changed.setdefault(job_id, trio.Event()).wait()
+
+    async def changed(self, job_id: str) -> None:
+        await self._changed.setdefault(job_id, trio.Event()).wait()
+
+    def cancel(self, job_id: str) -> bool:
+        row = self.store.get_job(job_id, "client")
+        if row is None or row.state in TERMINAL:
+            return False
+        scope = self._scopes.get(job_id)
+        if scope is not None:
+            scope.cancel()
+        self._set(job_id, state="cancelled", error="cancelled by the user")
+        return True
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    # ------------------------------------------------------------------------------------------- one job
+
+    async def _run_job(self, job_id: str, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await self._attempts(job_id)
+            except Exception as exc:  # a bug must not take the daemon down with it; the job says what happened
+                log.exception("job %s crashed", job_id)
+                self._set(job_id, state="failed", error=f"internal error: {type(exc).__name__}: {exc}")
+        self._scopes.pop(job_id, None)
+
+    async def _attempts(self, job_id: str) -> None:
+        row = self.store.get_job(job_id, "client")
+        assert row is not None
+        req = row.request
+        excluded: set[str] = set()
+        failures: list[str] = []
+        patience = trio.current_time() + self.discovery_patience_s
+        busy_until = trio.current_time() + self.busy_patience_s
+        backoff = DISCOVERY_RETRY_S
+        while len(failures) < self.max_attempts:
+            self._set(job_id, state="negotiating")
+            chosen, reasons, candidates = await self._negotiate(job_id, req, excluded)
+            if chosen is None and candidates == 0 and trio.current_time() < patience:
+                # Nobody fits yet: the node may still be joining the network, or providers' ads are on their
+                # way. Look again shortly rather than failing at once.
+                await trio.sleep(DISCOVERY_RETRY_S)
+                continue
+            if chosen is None and reasons and set(reasons) <= WAIT_FOR and trio.current_time() < busy_until:
+                # Every fitting provider is busy right now: the job queues until a slot frees up.
+                why = explain_failures(reasons, max_price=req["max_price"], candidates=candidates)
+                self._set(job_id, state="queued", error=f"waiting for a free provider ({why})")
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BUSY_RETRY_MAX_S)
+                continue
+            if chosen is None:
+                if failures:
+                    text = f"failed on {len(failures)} provider(s): " + "; ".join(failures)
+                    if reasons:
+                        text += "; then " + explain_failures(reasons, max_price=req["max_price"], candidates=candidates)
+                else:
+                    text = explain_failures(reasons, max_price=req["max_price"], candidates=candidates)
+                self._set(job_id, state="failed", error=text)
+                return
+            agreement, provider = chosen
+            attempt = self.store.add_attempt(job_id, provider=provider, now_ms=self.clock_ms())
+            self._set(job_id, state="running", provider=provider)
+            try:
+                outcome = await self._transfer(job_id, req, agreement, provider)
+            except AttemptFailed as exc:
+                self.store.end_attempt(job_id, attempt, now_ms=self.clock_ms(), outcome="failed", reason=str(exc))
+                failures.append(f"{provider[:16]}…: {exc}")
+                excluded.add(provider)
+                continue
+            self.store.end_attempt(job_id, attempt, now_ms=self.clock_ms(), outcome="completed", reason=None)
+            self._set(job_id, state="completed", error=None, **outcome)
+            return
+        self._set(job_id, state="failed", error=f"failed on {len(failures)} provider(s): " + "; ".join(failures))
+
+    def _quote_request(self, job_id: str, req: dict[str, Any]) -> QuoteRequest:
+        from protocol.messages import Limits, Resources
+
+        resources = Resources(cpus=req["cpus"], memory_bytes=req["memory_bytes"], disk_bytes=req["disk_bytes"],
+                              gpus=req["gpus"], gpu_model=req["gpu_model"])  # fmt: skip
+        limits = Limits(cpu_seconds=req["cpu_seconds"], wall_seconds=req["timeout"], memory_bytes=req["memory_bytes"],
+                        disk_bytes=req["disk_bytes"], output_bytes=req["output_bytes"])  # fmt: skip
+        deadline = self.clock_ms() + (req["timeout"] + 300) * 1000
+        return QuoteRequest(job_id=job_id, client=self.identity.peer_id, resources=resources, limits=limits,
+                            max_price=req["max_price"], deadline=deadline)  # fmt: skip
+
+    async def _open(self, peer_id: str, protocol: str) -> FrameChannel:
+        if peer_id == self.identity.peer_id:
+            if self.provider is None:
+                raise AttemptFailed("this node does not provide")
+            assert self._nursery is not None
+            mine, theirs = loopback_pair(peer_id)
+            handler = self.provider.rpc_negotiate if protocol == NEGOTIATE_PROTOCOL_ID else self.provider.rpc_job
+            self._nursery.start_soon(_serve_loopback, handler, theirs)
+            return mine
+        try:
+            return StreamChannel(await self.host.open_stream(peer_id, protocol))
+        except net.NetError as exc:
+            raise AttemptFailed(f"unreachable: {exc}") from exc
+
+    async def _negotiate(
+        self, job_id: str, req: dict[str, Any], excluded: set[str]
+    ) -> tuple[tuple[Agreement, str] | None, list[RejectCode], int]:
+        request = self._quote_request(job_id, req)
+        candidates = [p for p in await self.find_providers(req) if p not in excluded][: self.k]
+        reasons: list[RejectCode] = []
+        pending: list[_Pending] = []
+
+        async def ask(provider: str) -> None:
+            outcome = await self._ask(request, provider)
+            if isinstance(outcome, _Pending):
+                pending.append(outcome)
+            else:
+                reasons.append(outcome)
+
+        async with trio.open_nursery() as nursery:
+            for provider in candidates:
+                nursery.start_soon(ask, provider)
+        offers = rank_offers([Offer(p.provider, p.cost, self.trust(p.provider), p.latency_ms) for p in pending])
+        by_provider = {p.provider: p for p in pending}
+        chosen: tuple[Agreement, str] | None = None
+        for offer in offers:
+            p = by_provider.pop(offer.provider)
+            if chosen is not None:
+                self._record_quote(job_id, request, p, "declined")
+                await self._withdraw(p)
+                continue
+            agreement = await self._close_deal(p)
+            self._record_quote(job_id, request, p, "accepted" if agreement else "rejected:timeout")
+            if agreement is None:
+                reasons.append(RejectCode.TIMEOUT)
+                continue
+            self.store.put_agreement(agreement, role="client", now_ms=self.clock_ms())
+            chosen = (agreement, p.provider)
+        for p in by_provider.values():
+            await self._withdraw(p)
+        return chosen, reasons, len(candidates)
+
+    def _record_quote(self, job_id: str, request: QuoteRequest, p: _Pending, outcome: str) -> None:
+        self.store.record_quote(
+            job_id=job_id,
+            provider=p.provider,
+            resource_class=resource_class(request),
+            cost=p.cost,
+            price_sheet=p.quote.price_sheet,
+            load_permille=p.quote.load_permille,
+            received_ms=self.clock_ms(),
+            outcome=outcome,
+        )
+
+    async def _ask(self, request: QuoteRequest, provider: str) -> _Pending | RejectCode:
+        started = trio.current_time()
+        try:
+            channel = await self._open(provider, NEGOTIATE_PROTOCOL_ID)
+        except AttemptFailed:
+            return RejectCode.TIMEOUT
+        machine = ClientNegotiation(identity=self.identity, request=request, provider=provider)
+        actions = machine.start(self.clock_ms())
+        latency: float | None = None
+        try:
+            with trio.fail_after(NEGOTIATION_TIMEOUT_S):
+                while True:
+                    for action in actions:
+                        if isinstance(action, Send):
+                            await self.messenger.send(channel, action.message)
+                        elif isinstance(action, Quoted):
+                            assert latency is not None
+                            return _Pending(provider, machine, channel, action.quote, action.cost, latency)
+                        elif isinstance(action, Failed):
+                            await channel.aclose()
+                            return action.code
+                    message = await self.messenger.receive(channel, (Quote, Reject))
+                    latency = (trio.current_time() - started) * 1000 if latency is None else latency
+                    actions = machine.receive(message, self.clock_ms())
+        except (trio.TooSlowError, ChannelClosed, RemoteProtocolError) as exc:
+            log.info("negotiation with %s failed: %r", provider, exc)
+            await _abort(channel)
+            return RejectCode.TIMEOUT
+
+    async def _close_deal(self, p: _Pending) -> Agreement | None:
+        try:
+            with trio.fail_after(NEGOTIATION_TIMEOUT_S):
+                for action in p.machine.accept(self.clock_ms()):
+                    if isinstance(action, Send):
+                        await self.messenger.send(p.channel, action.message)
+                while not p.machine.terminal:
+                    message = await self.messenger.receive(p.channel, (Agreement, Reject))
+                    p.machine.receive(message, self.clock_ms())
+        except (trio.TooSlowError, ChannelClosed, RemoteProtocolError) as exc:
+            log.info("closing the deal with %s failed: %r", p.provider, exc)
+        finally:
+            await _abort(p.channel)
+        return p.machine.outcome.agreement if isinstance(p.machine.outcome, Completed) else None
+
+    async def _withdraw(self, p: _Pending) -> None:
+        try:
+            for action in p.machine.withdraw():
+                if isinstance(action, Send):
+                    await self.messenger.send(p.channel, action.message)
+        except ChannelClosed:
+            pass
+        await _abort(p.channel)
+
+    # ------------------------------------------------------------------------------------------- transfer
+
+    async def _transfer(self, job_id: str, req: dict[str, Any], agreement: Agreement, provider: str) -> dict[str, Any]:
+        """Run one attempt on ``provider``; return the job fields to store on success."""
+        job_dir = self.jobs_dir / job_id
+        inputs = tuple(
+            FileRef(name=i["name"], sha256=bytes.fromhex(i["sha256"]), size=i["size"]) for i in req["inputs"]
+        )
+        spec = JobSpec(job_id=job_id, client=self.identity.peer_id, agreement_hash=terms_hash(agreement),
+                       command=tuple(req["command"]), env=req["env"], inputs=inputs, outputs=tuple(req["outputs"]),
+                       limits=agreement.limits, gpus=agreement.resources.gpus)  # fmt: skip
+        channel = await self._open(provider, JOB_PROTOCOL_ID)
+        try:
+            outcome = await self._exchange(channel, spec, agreement, job_dir)
+        except AttemptFailed:
+            await _abort(channel)
+            raise
+        except (ChannelClosed, net.NetError) as exc:
+            await _abort(channel)
+            raise AttemptFailed(f"the provider went away ({exc})") from exc
+        except trio.TooSlowError as exc:
+            await _abort(channel)
+            raise AttemptFailed("the provider stalled (no heartbeat)") from exc
+        except RemoteProtocolError as exc:
+            await _abort(channel)
+            raise AttemptFailed(f"the provider broke the protocol: {exc.code}: {exc}") from exc
+        except BaseException:
+            await _abort(channel)
+            raise
+        await channel.aclose()
+        return outcome
+
+    async def _exchange(
+        self, channel: FrameChannel, spec: JobSpec, agreement: Agreement, job_dir: Path
+    ) -> dict[str, Any]:
+        m = self.messenger
+        await m.send(channel, spec)
+        with trio.fail_after(STALL_TIMEOUT_S):
+            answer = await m.receive(channel, (JobAccepted, Reject))
+        if isinstance(answer, Reject):
+            raise AttemptFailed(f"refused: {answer.code.value}: {answer.message}")
+        for ref in spec.inputs:
+            await send_file(m, channel, job_id=spec.job_id, kind=ChunkKind.INPUT, name=ref.name,
+                            path=job_dir / "inputs" / ref.name)  # fmt: skip
+        logs = {ChunkKind.STDOUT: job_dir / "stdout", ChunkKind.STDERR: job_dir / "stderr"}
+        digests = {kind: hashlib.sha256() for kind in logs}
+        for path in logs.values():
+            path.write_bytes(b"")
+        while True:
+            with trio.fail_after(STALL_TIMEOUT_S):
+                message = await m.receive(channel, (Chunk, JobResult, Reject))
+            if isinstance(message, Reject):
+                raise AttemptFailed(f"the provider gave up: {message.code.value}: {message.message}")
+            if isinstance(message, JobResult):
+                result = message
+                break
+            if message.job_id != spec.job_id:
+                raise AttemptFailed("a log chunk for another job")
+            if message.kind in logs:
+                digests[message.kind].update(message.data)
+                with logs[message.kind].open("ab") as f:
+                    f.write(message.data)
+                self._changed.pop(spec.job_id, trio.Event()).set()
+        if result.job_id != spec.job_id or result.provider != agreement.provider:
+            raise AttemptFailed("the result names another job or provider")
+        if digests[ChunkKind.STDOUT].digest() != result.stdout_sha256:
+            raise AttemptFailed("stdout does not match the digest in the signed result")
+        if not {o.name for o in result.outputs} <= set(spec.outputs):
+            raise AttemptFailed("the result holds outputs that were not asked for")
+        outputs_dir = job_dir / "outputs"
+        outputs_dir.mkdir(exist_ok=True)
+        try:
+            for ref in result.outputs:
+                with trio.fail_after(STALL_TIMEOUT_S):
+                    await receive_file(m, channel, job_id=spec.job_id, kind=ChunkKind.OUTPUT, ref=ref,
+                                       dest=outputs_dir / ref.name)  # fmt: skip
+        except DigestMismatch as exc:
+            await m.send(channel, Reject(job_id=spec.job_id, peer=self.identity.peer_id, code=RejectCode.BAD_RESULT,
+                                         message="an output does not match its signed digest"))  # fmt: skip
+            raise AttemptFailed(f"bad output: {exc}") from exc
+        with trio.fail_after(STALL_TIMEOUT_S):
+            receipt = await m.receive(channel, (Receipt,))
+        problem = self._check_receipt(receipt, spec, agreement, result)
+        if problem:
+            await m.send(channel, Reject(job_id=spec.job_id, peer=self.identity.peer_id, code=RejectCode.BAD_RECEIPT,
+                                         message=problem))  # fmt: skip
+            raise AttemptFailed(f"bad receipt: {problem}")
+        signed = sign_as(self.identity, receipt, "client")
+        await m.send(channel, signed)
+        self.store.put_receipt(signed)
+        outputs = {o.name: {"sha256": o.sha256.hex(), "size": o.size} for o in result.outputs}
+        missing = [name for name in spec.outputs if name not in outputs]
+        return {
+            "exit_status": result.exit_status,
+            "termination": result.termination.value,
+            "cost": receipt.cost,
+            "result": {"outputs": outputs, "missing_outputs": missing, "usage": codec.to_plain(result.usage),
+                       "provider": result.provider, "receipt_hash": terms_hash(signed).hex(),
+                       "stdout_sha256": result.stdout_sha256.hex()},
+        }  # fmt: skip
+
+    def _check_receipt(self, receipt: Receipt, spec: JobSpec, agreement: Agreement, result: JobResult) -> str:
+        if receipt.job_id != spec.job_id or receipt.client != self.identity.peer_id:
+            return "the receipt names another job or client"
+        if receipt.provider != agreement.provider or receipt.agreement_hash != terms_hash(agreement):
+            return "the receipt is not for our agreement"
+        if receipt.result_hash != message_hash(result) or receipt.usage != result.usage:
+            return "the receipt does not match the signed result"
+        limits = agreement.limits
+        if (
+            receipt.usage.wall_ms > limits.wall_seconds * 1000 + USAGE_SLACK_MS
+            or receipt.usage.cpu_ms > limits.cpu_seconds * 1000 + USAGE_SLACK_MS
+        ):
+            return "the metered usage exceeds the agreed limits"
+        expected = cost_of(receipt.usage, agreement.price_sheet, max_cost=agreement.max_cost)
+        if receipt.cost != expected:
+            return f"the cost {receipt.cost} is not the agreed price for this usage ({expected})"
+        try:
+            verify_role(receipt, "provider")
+        except BadSignature:
+            return "the provider's signature on the receipt is invalid"
+        return ""
+
+
+async def _abort(channel: FrameChannel) -> None:
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        await channel.abort()
+
+
+async def _serve_loopback(handler: Callable[[FrameChannel], Awaitable[None]], channel: FrameChannel) -> None:
+    try:
+        await handler(channel)
+    except (RemoteProtocolError, ChannelClosed, trio.TooSlowError) as exc:
+        log.debug("loopback %s ended: %r", handler.__name__, exc)
+    finally:
+        await channel.aclose()

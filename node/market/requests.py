@@ -1,0 +1,153 @@
+"""Job submissions from the local API: parsed and validated before anything is stored or sent."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from protocol.errors import LocalProtocolError
+from protocol.messages import Limits, Resources, file_name_ok
+
+DEFAULT_MAX_PRICE: Final = 100_000  # milli-credits (100 credits)
+MAX_INLINE_INPUT_BYTES: Final = 64 << 20
+
+
+class BadSubmission(ValueError):
+    """The submission is invalid; the message says which field and why (HTTP 400)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InputSource:
+    name: str
+    path: Path | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitRequest:
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    resources: Resources = field(default_factory=Resources)
+    limits: Limits = field(default_factory=Limits)
+    max_price: int = DEFAULT_MAX_PRICE
+    inputs: tuple[InputSource, ...] = ()
+    outputs: tuple[str, ...] = ()
+    job_id: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "command": list(self.command),
+            "env": self.env,
+            "cpus": self.resources.cpus,
+            "memory_bytes": self.resources.memory_bytes,
+            "disk_bytes": self.resources.disk_bytes,
+            "gpus": self.resources.gpus,
+            "gpu_model": self.resources.gpu_model,
+            "timeout": self.limits.wall_seconds,
+            "cpu_seconds": self.limits.cpu_seconds,
+            "output_bytes": self.limits.output_bytes,
+            "max_price": self.max_price,
+            "inputs": [i.name for i in self.inputs],
+            "outputs": list(self.outputs),
+        }
+
+
+def _int(body: dict[str, Any], key: str, default: int, *, minimum: int = 0, maximum: int = 1 << 62) -> int:
+    value = body.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise BadSubmission(f"{key} must be an integer in [{minimum}, {maximum}]")
+    return value
+
+
+def new_job_id() -> str:
+    return "j" + uuid.uuid4().hex[:20]
+
+
+def parse_submission(body: object) -> SubmitRequest:
+    """Validate a JSON submission (see docs in README: command, resources, limits, inputs, outputs)."""
+    if not isinstance(body, dict):
+        raise BadSubmission("the body must be a JSON object")
+    known = {"command", "env", "cpus", "memory_bytes", "disk_bytes", "gpus", "gpu_model", "timeout", "cpu_seconds",
+             "output_bytes", "max_price", "inputs", "outputs", "job_id"}  # fmt: skip
+    unknown = set(body) - known
+    if unknown:
+        raise BadSubmission(f"unknown field(s): {', '.join(sorted(unknown))}")
+    command = body.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
+        raise BadSubmission("command must be a non-empty list of strings")
+    env = body.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise BadSubmission("env must map strings to strings")
+    cpus = _int(body, "cpus", 1, minimum=1, maximum=4096)
+    memory = _int(body, "memory_bytes", 512 << 20, minimum=1 << 20)
+    timeout = _int(body, "timeout", 600, minimum=1, maximum=7 * 86400)
+    try:
+        resources = Resources(
+            cpus=cpus,
+            memory_bytes=memory,
+            disk_bytes=_int(body, "disk_bytes", 1 << 30, minimum=1 << 20),
+            gpus=_int(body, "gpus", 0, maximum=64),
+            gpu_model=str(body.get("gpu_model", ""))[:128],
+        )
+        limits = Limits(
+            cpu_seconds=_int(body, "cpu_seconds", cpus * timeout, minimum=1),
+            wall_seconds=timeout,
+            memory_bytes=memory,
+            disk_bytes=resources.disk_bytes,
+            output_bytes=_int(body, "output_bytes", 16 << 20, minimum=1024),
+        )
+    except LocalProtocolError as exc:
+        raise BadSubmission(str(exc)) from exc
+    inputs = []
+    raw_inputs = body.get("inputs", [])
+    if not isinstance(raw_inputs, list):
+        raise BadSubmission("inputs must be a list of {name, path} or {name, data_b64}")
+    for item in raw_inputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not file_name_ok(item["name"]):
+            raise BadSubmission("each input needs a plain file name (no '/')")
+        if isinstance(item.get("path"), str):
+            path = Path(item["path"])
+            if not path.is_absolute() or not path.is_file():
+                raise BadSubmission(f"input {item['name']!r}: {path} is not an existing file (absolute path)")
+            inputs.append(InputSource(name=item["name"], path=path))
+        elif isinstance(item.get("data_b64"), str):
+            try:
+                data = base64.b64decode(item["data_b64"], validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise BadSubmission(f"input {item['name']!r}: data_b64 is not base64") from exc
+            if len(data) > MAX_INLINE_INPUT_BYTES:
+                raise BadSubmission(f"input {item['name']!r}: inline data over 64 MiB, pass a path instead")
+            inputs.append(InputSource(name=item["name"], data=data))
+        else:
+            raise BadSubmission(f"input {item['name']!r} needs a path or data_b64")
+    if len({i.name for i in inputs}) != len(inputs):
+        raise BadSubmission("input names must be distinct")
+    outputs = body.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, str) and file_name_ok(o) for o in outputs):
+        raise BadSubmission("outputs must be a list of plain file names")
+    job_id = body.get("job_id", "")
+    if not isinstance(job_id, str) or (job_id and not (job_id.isascii() and job_id.replace("-", "").isalnum())):
+        raise BadSubmission("job_id must be letters, digits and '-'")
+    return SubmitRequest(
+        command=tuple(command),
+        env=dict(env),
+        resources=resources,
+        limits=limits,
+        max_price=_int(body, "max_price", DEFAULT_MAX_PRICE),
+        inputs=tuple(inputs),
+        outputs=tuple(dict.fromkeys(outputs)),
+        job_id=job_id[:64],
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

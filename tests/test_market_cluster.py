@@ -1,0 +1,172 @@
+"""The market across real `node start` processes on 127.0.0.1: jobs, receipts, ledgers, competition, failures."""
+
+import base64
+import hashlib
+import signal
+
+import pytest
+import trio
+
+from protocol import codec
+from protocol.cosign import verify_both
+from protocol.messages import Receipt
+from tests.cluster import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+async def start_network(launcher, floors, *, client_args=("--no-provide",)):
+    """Providers with the given per-CPU-second floors, and one client node; all bootstrapped from the first."""
+    providers = []
+    first = launcher.make("p0", per_cpu_second=floors[0])
+    await launcher.start(first)
+    providers.append(first)
+    async with trio.open_nursery() as nursery:
+        for i, floor in enumerate(floors[1:], start=1):
+            node = launcher.make(f"p{i}", bootstrap=[first.address], per_cpu_second=floor)
+            providers.append(node)
+            nursery.start_soon(launcher.start, node)
+        client = launcher.make("client", bootstrap=[first.address], extra_args=list(client_args))
+        nursery.start_soon(launcher.start, client)
+    ids = {p.peer_id for p in providers}
+
+    async def sees_all():
+        return {p["peer_id"] for p in await client.cli("find", "--cpus", "1")} >= ids
+
+    await wait_until(sees_all)
+    return providers, client
+
+
+def receipt_of(job):
+    receipt = codec.decode(base64.b64decode(job["receipt"]["wire_b64"]), Receipt)
+    verify_both(receipt)  # raises unless both peers' signatures verify
+    return receipt
+
+
+async def test_jobs_results_receipts_and_ledgers(launcher, tmp_path):
+    with trio.fail_after(120):
+        (provider,), client = await start_network(launcher, [10])
+        job_id = await client.submit(["python3", "-c", "print(6*7)"])
+        job = await client.wait_job(job_id)
+        assert job["state"] == "completed", job
+        assert job["exit_status"] == 0
+        assert job["provider"] == provider.peer_id
+        assert await client.api("GET", f"/v1/jobs/{job_id}/logs") == b"42\n"
+        receipt = receipt_of(job)
+        assert (receipt.client, receipt.provider) == (client.peer_id, provider.peer_id)
+        assert receipt.cost == job["cost"] > 0
+
+        data = b"hello coop\n" * 1000
+        source = tmp_path / "in.txt"
+        source.write_bytes(data)
+        script = "d=open('in.txt','rb').read(); open('out.txt','wb').write(d.upper()); print(len(d))"
+        job_id2 = await client.submit(
+            ["python3", "-c", script], inputs=[{"name": "in.txt", "path": str(source)}], outputs=["out.txt"]
+        )
+        job2 = await client.wait_job(job_id2)
+        assert job2["state"] == "completed", job2
+        expected = data.upper()
+        assert job2["result"]["outputs"]["out.txt"] == {
+            "sha256": hashlib.sha256(expected).hexdigest(),
+            "size": len(expected),
+        }
+        assert await client.api("GET", f"/v1/jobs/{job_id2}/outputs/out.txt") == expected
+        assert await client.api("GET", f"/v1/jobs/{job_id2}/logs") == f"{len(data)}\n".encode()
+        receipt_of(job2)
+
+        # the provider holds the same receipts, and both ledgers agree
+        on_provider = await provider.api("GET", f"/v1/jobs/{job_id2}")
+        assert on_provider["role"] == "provider"
+        assert on_provider["receipt"]["wire_b64"] == job2["receipt"]["wire_b64"]
+        spent = await client.api("GET", "/v1/ledger")
+        earned = await provider.api("GET", "/v1/ledger")
+        assert spent["spent"] == earned["earned"] == job["cost"] + job2["cost"]
+        assert spent["earned"] == earned["spent"] == 0
+        assert {e["job_id"] for e in spent["entries"]} == {e["job_id"] for e in earned["entries"]} == {job_id, job_id2}
+
+
+async def test_cheapest_provider_wins_and_too_low_a_max_price_fails_with_reasons(launcher):
+    with trio.fail_after(120):
+        providers, client = await start_network(launcher, [30, 10, 20])
+        cheapest = providers[1]
+        job_id = await client.submit(["true"], timeout=10, max_price=10_000)
+        job = await client.wait_job(job_id)
+        assert job["state"] == "completed", job
+        assert job["provider"] == cheapest.peer_id
+        market = await client.api("GET", "/v1/market")
+        (cpu,) = market["summary"]
+        assert cpu["count"] == 3
+        assert cpu["providers"] == 3
+        assert cpu["accepted"] == 1
+        assert cpu["min_cost"] < cpu["median_cost"] < cpu["max_cost"]
+
+        failed = await client.wait_job(await client.submit(["true"], timeout=10, max_price=50))
+        assert failed["state"] == "failed"
+        assert failed["error"] == "3 providers: 3 priced above your max price (your max price is 50 milli-credits)"
+        assert failed["receipt"] is None
+
+
+async def test_killed_provider_mid_job_the_job_completes_elsewhere_with_one_receipt(launcher):
+    with trio.fail_after(150):
+        providers, client = await start_network(launcher, [20, 10])
+        cheap, other = providers[1], providers[0]
+        script = "import time; print('started', flush=True); time.sleep(5); print('finished')"
+        job_id = await client.submit(["python3", "-c", script], timeout=30)
+
+        async def running_on_cheap_with_output():
+            job = await client.api("GET", f"/v1/jobs/{job_id}")
+            logs = await client.api("GET", f"/v1/jobs/{job_id}/logs")
+            return job["state"] == "running" and job["provider"] == cheap.peer_id and logs == b"started\n"
+
+        await wait_until(running_on_cheap_with_output, interval=0.1)
+        cheap.kill()
+        job = await client.wait_job(job_id)
+        assert job["state"] == "completed", job
+        assert job["provider"] == other.peer_id
+        assert [a["provider"] for a in job["attempts"]] == [cheap.peer_id, other.peer_id]
+        assert job["attempts"][0]["outcome"] == "failed"
+        assert "went away" in job["attempts"][0]["reason"]
+        assert await client.api("GET", f"/v1/jobs/{job_id}/logs") == b"started\nfinished\n"
+        ledger = await client.api("GET", "/v1/ledger")
+        assert [e["job_id"] for e in ledger["entries"]] == [job_id]  # one receipt only
+        assert receipt_of(job).provider == other.peer_id
+
+
+async def test_client_restart_while_a_job_runs(launcher):
+    with trio.fail_after(150):
+        (provider,), client = await start_network(launcher, [10])
+        script = "import time; print('started', flush=True); time.sleep(3); print('finished')"
+        job_id = await client.submit(["python3", "-c", script], timeout=30)
+
+        async def running():
+            return (await client.api("GET", f"/v1/jobs/{job_id}/logs")) == b"started\n"
+
+        await wait_until(running, interval=0.1)
+        client.kill()
+        await client.process.wait()
+        await launcher.start(client)
+        job = await client.wait_job(job_id)
+        assert job["state"] == "completed", (job["error"], job["attempts"])
+        assert await client.api("GET", f"/v1/jobs/{job_id}/logs") == b"started\nfinished\n"
+        assert [a["outcome"] for a in job["attempts"]] == ["interrupted", "completed"]
+        receipt_of(job)
+        on_provider = await provider.api("GET", f"/v1/jobs/{job_id}")
+        assert on_provider["state"] == "completed"
+        assert [a["outcome"] for a in on_provider["attempts"]] == ["cancelled", "completed"]
+        client.process.send_signal(signal.SIGTERM)
+
+
+async def test_jobs_beyond_the_free_slots_queue_until_a_slot_frees(launcher):
+    with trio.fail_after(150):
+        (provider,), client = await start_network(launcher, [10])  # 2 job slots (the default max_jobs)
+        script = "import time; time.sleep(1.5); print('ok')"
+        job_ids = [await client.submit(["python3", "-c", script], timeout=30) for _ in range(4)]
+
+        async def some_queued():
+            states = [(await client.api("GET", f"/v1/jobs/{j}"))["error"] or "" for j in job_ids]
+            return any(s.startswith("waiting for a free provider (1 provider: 1 busy") for s in states)
+
+        await wait_until(some_queued, interval=0.1)
+        jobs = [await client.wait_job(j) for j in job_ids]
+        assert [j["state"] for j in jobs] == ["completed"] * 4, [j["error"] for j in jobs]
+        assert all(j["provider"] == provider.peer_id and len(j["attempts"]) == 1 for j in jobs)
