@@ -22,15 +22,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 # command -> (help line, issue that builds it); filled below and by _command()
 _PLANNED: Final[dict[str, tuple[str, str]]] = {
-    "doctor": ("show which sandbox layers this machine supports and how to fix missing ones", "the sandbox"),
-    "run-local": ("run a command through the local sandbox executor, to try it", "the sandbox"),
-    "submit": ("submit a job to the network and wait for its result", "the market"),
-    "jobs": ("list this node's jobs", "the market"),
-    "job": ("show one job: state, provider, cost, receipt", "the market"),
-    "logs": ("show (or follow with -f) a job's stdout/stderr", "the market"),
-    "cancel": ("cancel a running job", "the market"),
-    "market": ("recent quotes per resource class (the price competition)", "the market"),
-    "ledger": ("credits earned by providing and spent by consuming", "the market"),
     "reputation": ("a peer's trust score and the records behind it; --top lists providers", "reputation"),
     "rate": ("add your own rating to a finished job", "reputation"),
     "dashboard": ("print a one-time link to the web dashboard", "the dashboard"),

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from node.client import ApiError, Client
+from node.client import ApiError, Client, parse_size
 from node.config import (
     CONFIG_FILE,
     ConfigError,
@@ -22,22 +22,13 @@ from node.config import (
     write_default_config,
 )
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20}
-SIZE_UNITS |= {"g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
 
-
-def parse_size(text: str) -> int:
-    """'512MiB', '2G', '1000000' -> bytes (binary units for K/M/G/T without 'B')."""
-    raw = text.strip().lower().replace(" ", "")
-    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = raw[len(digits) :]
+def size_arg(text: str) -> int:
+    """argparse type for sizes: '512MiB', '2G', '1000000' -> bytes (see ``node.client.parse_size``)."""
     try:
-        value = float(digits)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512MiB or 2GiB)") from None
-    if unit not in SIZE_UNITS or value < 0:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (units: B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
-    return int(value * SIZE_UNITS[unit])
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def format_bytes(n: int) -> str:
@@ -82,6 +73,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--api", metavar="HOST:PORT", help="local API address (default 127.0.0.1:7410; port 0 = any)")
     p.add_argument("--no-provide", action="store_true", help="do not offer this machine's capacity or run jobs")
+    p.add_argument(
+        "--allow-unsandboxed",
+        action="store_true",
+        help="DANGEROUS: run others' jobs without a sandbox where none is available (trusted single-user setups)",
+    )
     p.add_argument("--config", type=Path, metavar="FILE", help="config file (default DATA_DIR/config.toml)")
     p.set_defaults(handler=cmd_start)
 
@@ -108,10 +104,18 @@ def register(sub: Any) -> None:
     _data_dir_arg(p)
     _json_arg(p)
     p.add_argument("--cpus", type=int, default=1, metavar="N", help="at least N CPUs (default 1)")
-    p.add_argument("--memory", type=parse_size, default=0, metavar="SIZE", help="at least SIZE memory, e.g. 4GiB")
+    p.add_argument("--memory", type=size_arg, default=0, metavar="SIZE", help="at least SIZE memory, e.g. 4GiB")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="at least N GPUs")
     p.add_argument("--gpu-model", default="", metavar="NAME", help="GPU model substring, e.g. 'rtx 4090' or A100")
     p.set_defaults(handler=cmd_find)
+
+    from node import job_commands  # here, not at the top: job_commands imports this module's helpers
+
+    job_commands.register(sub)
+
+    from node import sandbox_commands
+
+    sandbox_commands.register(sub)
 
 
 def build_config(args: argparse.Namespace) -> NodeConfig:
@@ -133,6 +137,8 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         config = replace(config, api_host=host, api_port=port)
     if args.no_provide:
         config = replace(config, provide=False)
+    if args.allow_unsandboxed:
+        config = replace(config, allow_unsandboxed=True)
     return config
 
 
