@@ -10,6 +10,7 @@ Modules:
     pricing      price sheets, costs, worst-case estimates (integer milli-credits)
     negotiation  client and provider negotiation state machines
     records      DHT record keys and validation of signed capacity ads
+    reputation   signed records bound to receipts, gossip bundles, pull sync messages, rater rate limits
     market       provider quoting (admission, load-aware prices), offer ranking, failure explanations
     framing      length-prefixed frames over a byte stream, reassembled from any split
 """
