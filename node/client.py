@@ -402,6 +402,17 @@ class Client:
         """``{"peer_id", "earned", "spent", "balance", "entries": [...]}``; amounts in milli-credits."""
         return self._get("ledger")  # type: ignore[no-any-return]
 
+    def reputation(self, peer: str | None = None, *, top: int = 20) -> dict[str, Any]:
+        """A peer's trust score, how it was computed and the records behind it; or the ``top`` peers."""
+        if peer is None:
+            return self._get("reputation", {"top": top})  # type: ignore[no-any-return]
+        return self._request("GET", _path("reputation", peer)).json()  # type: ignore[no-any-return]
+
+    def rate(self, job_id: str, score: int, comment: str = "") -> dict[str, Any]:
+        """Add your own rating (0-5 stars) of the other side of a finished job, bound to its receipt."""
+        body = {"score": score, "comment": comment}
+        return self._request("POST", _path("jobs", job_id, "rate"), json=body).json()  # type: ignore[no-any-return]
+
     def logs(self, job_id: str, stream: str = "stdout", *, follow: bool = False) -> Iterator[bytes]:
         """Yield a job's stdout or stderr in chunks; with ``follow``, keep yielding until the job ends."""
         path = _path("jobs", job_id, "logs")

@@ -113,9 +113,10 @@ def register(sub: Any) -> None:
 
     job_commands.register(sub)
 
-    from node import sandbox_commands
+    from node import reputation_commands, sandbox_commands
 
     sandbox_commands.register(sub)
+    reputation_commands.register(sub)
 
 
 def build_config(args: argparse.Namespace) -> NodeConfig:

@@ -45,6 +45,9 @@ class NodeConfig:
     clock_skew_seconds: float = 30.0
     bootstrap_retry_max_seconds: float = 60.0
     routing_refresh_seconds: float = 300.0
+    verify_below: float = 0.7
+    replicas: int = 2
+    sync_interval_seconds: float = 30.0
     config_file: Path | None = None
 
 
@@ -77,6 +80,15 @@ ad_refresh_seconds = 60
 ad_ttl_seconds = 120
 # Clock disagreement tolerated on signed expiry times (seconds).
 clock_skew_seconds = 30
+
+[trust]
+# Results of providers this node trusts less than verify_below (0..1; every new provider starts at 0.5) are
+# checked by running the job on `replicas` providers and comparing output digests; a provider outvoted by the
+# others gets a bad-result record. replicas = 1 turns verification off. The cost of replicas is yours.
+verify_below = 0.7
+replicas = 2
+# How often to pull reputation records that gossip missed from a few connected peers (seconds).
+sync_interval_seconds = 30
 
 [pricing]
 # Prices in milli-credits (1 credit = 1000). The cost of a job is
@@ -151,6 +163,12 @@ def _positive(value: float, where: str) -> float:
     return float(value)
 
 
+def _fraction(value: float, where: str) -> float:
+    if not 0 <= value <= 1:
+        raise ConfigError(f"{where}: must be between 0 and 1, got {value}")
+    return float(value)
+
+
 def load_config_file(path: Path, base: NodeConfig) -> NodeConfig:
     """Read ``path`` over ``base``.
 
@@ -177,6 +195,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         "api": {"listen"},
         "provide": {"enabled", "max_jobs", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
+        "trust": {"verify_below", "replicas", "sync_interval_seconds"},
     }
     for section, table in raw.items():
         if section not in known or not isinstance(table, dict):
@@ -188,6 +207,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
     api = raw.get("api", {})
     prov = raw.get("provide", {})
     price = raw.get("pricing", {})
+    trust = raw.get("trust", {})
     number = (int, float)
     listen = _get(net, "listen", list, "network", list(base.listen))
     bootstrap = _get(net, "bootstrap", list, "network", list(base.bootstrap))
@@ -229,6 +249,12 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         routing_refresh_seconds=_positive(
             _get(net, "routing_refresh_seconds", number, "network", base.routing_refresh_seconds),
             "network.routing_refresh_seconds",
+        ),
+        verify_below=_fraction(_get(trust, "verify_below", number, "trust", base.verify_below), "trust.verify_below"),
+        replicas=_get(trust, "replicas", int, "trust", base.replicas),
+        sync_interval_seconds=_positive(
+            _get(trust, "sync_interval_seconds", number, "trust", base.sync_interval_seconds),
+            "trust.sync_interval_seconds",
         ),
         config_file=path,
     )

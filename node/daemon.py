@@ -35,6 +35,7 @@ import trio
 from node import net
 from node.api import FindQuery, new_token, serve_api, write_api_file
 from node.api_jobs import job_routes
+from node.api_reputation import reputation_routes
 from node.capacity.fake_nvml import nvml_from_env
 from node.capacity.probe import probe
 from node.capacity.summary import MachineCapacity, gpu_model_matches, resource_classes
@@ -42,6 +43,8 @@ from node.config import API_FILE, DB_FILE, NodeConfig
 from node.market.jobs import JobManager
 from node.market.provider import ProviderService
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel
+from node.reputation.records import RecordStore
+from node.reputation.service import ReputationService
 from node.sandbox.doctor import collect_facts
 from node.sandbox.executor import Executor
 from node.store import Store
@@ -50,12 +53,14 @@ from protocol.envelope import seal
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Identity
 from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID
-from protocol.messages import CapacityAd, GpuSpec
+from protocol.messages import CapacityAd, GpuSpec, Outcome, Receipt
 from protocol.records import CAP_PREFIX, cap_key, class_key, select_ad_record, validate_ad_record
+from protocol.reputation import REPUTATION_TOPIC, SYNC_PROTOCOL_ID
 
 logger = logging.getLogger(__name__)
 
 FIND_LOOKUP_TIMEOUT_S: Final = 5.0
+FIND_CACHE_S: Final = 3.0
 FIND_PROVIDERS_PER_CLASS: Final = 100
 MAX_AD_ADDRS: Final = 8
 
@@ -184,19 +189,37 @@ class Node:
         self._nvml = nvml_from_env(os.environ)
         self._last_ad: CapacityAd | None = None
         self.sandbox_tier = "none"
+        self._find_cache: dict[FindQuery, tuple[float, list[str]]] = {}
         self.jobs: JobManager | None = None
         self.store: Store | None = None
+        self.reputation: ReputationService | None = None
 
     def extra_routes(self) -> list[Any]:
-        if self.jobs is None or self.store is None:
-            return []
-        return job_routes(self.jobs, self.store, self.identity.peer_id)
+        routes: list[Any] = []
+        if self.reputation is not None and self.store is not None:
+            routes += reputation_routes(self.reputation, self.store)  # before /v1/jobs/{id}: more specific
+        if self.jobs is not None and self.store is not None:
+            routes += job_routes(self.jobs, self.store, self.identity.peer_id)
+        return routes
 
     async def find_peer_ids(self, req: dict[str, Any]) -> list[str]:
-        """Providers for a job submission (the JobManager's finder)."""
+        """Providers for a job submission (the JobManager's finder), cached for FIND_CACHE_S.
+
+        A DHT walk is over half of a trivial job's round trip (docs/benchmarks.md); the ads it returns stay
+        valid until they expire, and a stale candidate costs only a failed quote, so jobs submitted together
+        share one walk.
+        """
         query = FindQuery(cpus=req["cpus"], memory_bytes=req["memory_bytes"], gpus=req["gpus"],
                           gpu_model=req["gpu_model"], limit=50)  # fmt: skip
-        return [p["peer_id"] for p in await self.find(query)]
+        now = trio.current_time()
+        cached = self._find_cache.get(query)
+        if cached is not None and now - cached[0] < FIND_CACHE_S:
+            return cached[1]
+        peers = [p["peer_id"] for p in await self.find(query)]
+        self._find_cache = {q: v for q, v in self._find_cache.items() if now - v[0] < FIND_CACHE_S}
+        if peers:  # an empty answer is not cached: the job is waiting for providers to appear
+            self._find_cache[query] = (now, peers)
+        return peers
 
     def capacity_tuple(self) -> tuple[int, int, int, tuple[str, ...]]:
         cap = self.capacity or self.probe_capacity()
@@ -338,6 +361,13 @@ class Node:
             "connected_peers": stats.connected_peers,
             "routing_table_size": stats.routing_table_size,
             "refused_streams": stats.refused,
+            "gossip": {
+                "received": stats.gossip_received,
+                "rejected": stats.gossip_rejected,
+                "dropped": stats.gossip_dropped,
+                "published": stats.gossip_published,
+            },
+            "reputation": self.reputation.statistics() if self.reputation is not None else None,
             "capacity": None
             if cap is None
             else {
@@ -377,56 +407,82 @@ async def _wait_for_signal(cancel_scope: trio.CancelScope, node_say: Callable[[s
 
 async def run_node(config: NodeConfig, identity: Identity, *, out: TextIO = sys.stdout) -> None:
     """Run the node until SIGINT/SIGTERM (or cancellation)."""
-    validate, select = record_validators(wall_clock_ms, int(config.clock_skew_seconds * 1000))
-    async with net.open_host(
-        seed=identity.seed(), listen=list(config.listen), dht_validate=validate, dht_select=select
-    ) as host:
-        node = Node(config=config, identity=identity, host=host, out=out)
-        store = Store.open(config.data_dir / DB_FILE)
-        node.store = store
-        messenger = Messenger(identity, wall_clock_ms, max_skew_ms=int(config.clock_skew_seconds * 1000))
-        provider = await _make_provider(node, config, identity, messenger, store)
-        jobs_dir = config.data_dir / "jobs"
-        jobs_dir.mkdir(exist_ok=True)
-        node.jobs = JobManager(identity=identity, messenger=messenger, store=store, host=host,
-                               find_providers=node.find_peer_ids, provider=provider, jobs_dir=jobs_dir,
-                               clock_ms=wall_clock_ms)  # fmt: skip
-        if provider is not None:
-            host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))
-            host.set_stream_handler(JOB_PROTOCOL_ID, _handler(provider.rpc_job))
-        node.say(f"peer id {identity.peer_id}")
-        for addr in node.addrs():
-            node.say(f"listening on {addr}")
-        shutdown = trio.Event()
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_wait_for_signal, scope, node.say)
-                token = new_token()
-                url = await nursery.start(
-                    partial(serve_api, node, host=config.api_host, port=config.api_port, token=token, shutdown=shutdown)
-                )
-                write_api_file(config.data_dir / API_FILE, url=url, token=token, peer_id=identity.peer_id)
-                node.say(f"local API on {url} (token in {config.data_dir / API_FILE})")
-                await nursery.start(node.jobs.serve)
-                for state in node.bootstrap:
-                    nursery.start_soon(node.keep_bootstrap_peer, state)
-                if not config.bootstrap:
-                    node.say("no bootstrap peers: running as a one-node network that others can join")
-                if provider is not None:
-                    await nursery.start(node.advertise_forever)
-                    assert node.capacity is not None
-                    node.say(f"offering {describe_capacity(node.capacity)}, jobs sandboxed with {node.sandbox_tier}")
-                else:
-                    node.probe_capacity()
-                    if config.provide:
-                        node.say("not providing: no usable sandbox here (run `node doctor` for the fix)")
-                    else:
-                        node.say("not providing (--no-provide): this node only uses others' capacity")
-                node.say("ready")
-        shutdown.set()
+    skew_ms = int(config.clock_skew_seconds * 1000)
+    validate, select = record_validators(wall_clock_ms, skew_ms)
+    store = Store.open(config.data_dir / DB_FILE)
+    reputation = ReputationService(identity=identity, records=RecordStore(store.db), clock_ms=wall_clock_ms,
+                                   sync_interval_s=config.sync_interval_seconds)  # fmt: skip
+    try:
+        async with net.open_host(
+            seed=identity.seed(),
+            listen=list(config.listen),
+            dht_validate=validate,
+            dht_select=select,
+            gossip_topics={REPUTATION_TOPIC: reputation.validate_gossip},
+        ) as host:
+            reputation.host = host
+            await _serve(config, identity, host, store, reputation, out)
+    finally:
         store.close()
     (config.data_dir / API_FILE).unlink(missing_ok=True)
-    node.say("stopped")
+    print("coop: stopped", file=out, flush=True)
+
+
+async def _serve(
+    config: NodeConfig, identity: Identity, host: net.NetHost, store: Store, reputation: ReputationService, out: TextIO
+) -> None:
+    node = Node(config=config, identity=identity, host=host, out=out)
+    node.store = store
+    node.reputation = reputation
+    messenger = Messenger(identity, wall_clock_ms, max_skew_ms=int(config.clock_skew_seconds * 1000))
+    provider = await _make_provider(node, config, identity, messenger, store)
+    jobs_dir = config.data_dir / "jobs"
+    jobs_dir.mkdir(exist_ok=True)
+    node.jobs = JobManager(identity=identity, messenger=messenger, store=store, host=host,
+                           find_providers=node.find_peer_ids, provider=provider, jobs_dir=jobs_dir,
+                           clock_ms=wall_clock_ms, reputation=reputation, verify_below=config.verify_below,
+                           replicas=config.replicas)  # fmt: skip
+    if provider is not None:
+        provider.on_receipt = partial(_rate_client, reputation)
+        host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))
+        host.set_stream_handler(JOB_PROTOCOL_ID, _handler(provider.rpc_job))
+    host.set_stream_handler(SYNC_PROTOCOL_ID, _handler(reputation.rpc_sync))
+    node.say(f"peer id {identity.peer_id}")
+    for addr in node.addrs():
+        node.say(f"listening on {addr}")
+    shutdown = trio.Event()
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_wait_for_signal, scope, node.say)
+            token = new_token()
+            url = await nursery.start(
+                partial(serve_api, node, host=config.api_host, port=config.api_port, token=token, shutdown=shutdown)
+            )
+            write_api_file(config.data_dir / API_FILE, url=url, token=token, peer_id=identity.peer_id)
+            node.say(f"local API on {url} (token in {config.data_dir / API_FILE})")
+            for state in node.bootstrap:
+                nursery.start_soon(node.keep_bootstrap_peer, state)
+            if not config.bootstrap:
+                node.say("no bootstrap peers: running as a one-node network that others can join")
+            nursery.start_soon(reputation.consume_gossip)
+            nursery.start_soon(reputation.sync_forever)
+            await nursery.start(node.jobs.serve)
+            if provider is not None:
+                await nursery.start(node.advertise_forever)
+                assert node.capacity is not None
+                node.say(f"offering {describe_capacity(node.capacity)}, jobs sandboxed with {node.sandbox_tier}")
+            else:
+                node.probe_capacity()
+                if config.provide:
+                    node.say("not providing: no usable sandbox here (run `node doctor` for the fix)")
+                else:
+                    node.say("not providing (--no-provide): this node only uses others' capacity")
+            node.say("ready")
+    shutdown.set()
+
+
+async def _rate_client(reputation: ReputationService, receipt: Receipt) -> None:
+    await reputation.rate(receipt=receipt, outcome=Outcome.SUCCESS, score=100)
 
 
 async def _make_provider(

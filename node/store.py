@@ -86,6 +86,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             received_ms INTEGER NOT NULL, outcome TEXT NOT NULL)""",
         "CREATE INDEX quotes_by_received ON quotes (received_ms)",
     ),
+    (
+        # Reputation records (issue: trust without a center), one per rater per receipt; see node/reputation.
+        """CREATE TABLE reputation_records (
+            id BLOB PRIMARY KEY, rater TEXT NOT NULL, ratee TEXT NOT NULL, receipt_hash BLOB NOT NULL,
+            outcome TEXT NOT NULL, score INTEGER NOT NULL, time INTEGER NOT NULL, cost INTEGER NOT NULL,
+            bundle BLOB NOT NULL, received_ms INTEGER NOT NULL)""",
+        "CREATE INDEX reputation_by_time ON reputation_records (time, id)",
+        "CREATE INDEX reputation_by_ratee ON reputation_records (ratee)",
+    ),
 )
 
 
@@ -281,6 +290,11 @@ class Store:
             raise ValueError("max_quotes must be at least 1")
         self._db = db
         self._max_quotes = max_quotes
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The connection, for modules that own tables of their own (node/reputation/records.py)."""
+        return self._db
 
     @classmethod
     def open(cls, path: Path, *, max_quotes: int = MAX_QUOTES) -> Store:

@@ -32,6 +32,9 @@ clock_skew_seconds = {skew}
 
 [pricing]
 per_cpu_second = {per_cpu_second}
+
+[trust]
+sync_interval_seconds = {sync_interval}
 """
 
 
@@ -40,6 +43,7 @@ class NodeProcess:
     data_dir: Path
     env: dict[str, str]
     args: list[str]
+    program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "node"])
     process: trio.Process | None = None
     lines: list[str] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
@@ -53,27 +57,30 @@ class NodeProcess:
     def address(self) -> str:
         return next(line.split()[-1] for line in self.lines if line.startswith("coop: listening on "))
 
-    async def _pump(self, stream: trio.abc.ReceiveStream) -> None:
+    async def _pump(
+        self, stream: trio.abc.ReceiveStream, lines: list[str], ready: trio.Event, exited: trio.Event
+    ) -> None:
+        # This run's own list and events: a restarted node's new run must not see the old run's end.
         buffer = b""
         async for chunk in stream:
             buffer += chunk
             *complete, buffer = buffer.split(b"\n")
             for raw in complete:
                 line = raw.decode(errors="replace")
-                self.lines.append(line)
+                lines.append(line)
                 if line == "coop: ready":
-                    self.ready.set()
-        self.exited.set()
+                    ready.set()
+        exited.set()
 
     async def start(self, nursery: trio.Nursery) -> None:
         self.ready = trio.Event()
         self.exited = trio.Event()
         self.lines = []
-        cmd = [sys.executable, "-m", "node", "start", "--data-dir", str(self.data_dir), *self.args]
+        cmd = [*self.program, "start", "--data-dir", str(self.data_dir), *self.args]
         self.process = await trio.lowlevel.open_process(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env
         )
-        nursery.start_soon(self._pump, self.process.stdout)
+        nursery.start_soon(self._pump, self.process.stdout, self.lines, self.ready, self.exited)
         async with trio.open_nursery() as race:
 
             async def ready() -> None:
@@ -141,15 +148,19 @@ def make_node(
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] = (),
     per_cpu_second: int = 10,
+    sync_interval: float = 1,
+    program: list[str] | None = None,
 ) -> NodeProcess:
     data_dir = base / name
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = FAST_CONFIG.format(refresh=refresh, ttl=ttl, skew=skew, per_cpu_second=per_cpu_second)
+    config = FAST_CONFIG.format(
+        refresh=refresh, ttl=ttl, skew=skew, per_cpu_second=per_cpu_second, sync_interval=sync_interval
+    )
     (data_dir / "config.toml").write_text(config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("COOP_")}
     env |= {"PYTHONUNBUFFERED": "1", **(extra_env or {})}
     args = [arg for b in bootstrap for arg in ("--bootstrap", b)] + list(extra_args)
-    return NodeProcess(data_dir=data_dir, env=env, args=args)
+    return NodeProcess(data_dir=data_dir, env=env, args=args, program=program or [sys.executable, "-m", "node"])
 
 
 class Launcher:

@@ -31,7 +31,7 @@ def test_every_command_has_help():
 def test_a_command_that_is_not_built_yet_says_so(capsys):
     from node.cli import main
 
-    assert main(["reputation"]) == 2
+    assert main(["dashboard"]) == 2
     assert "not available in this version yet" in capsys.readouterr().err
 
 

@@ -22,7 +22,11 @@ from tests.factories import all_messages, capacity_ad, quote_request
 
 def test_every_registered_type_has_a_round_trip_case():
     covered = {type(m).TYPE for m in all_messages()} | {envelope.Envelope.TYPE}  # see test_envelope.py
-    covered |= {reputation.RecordBundle.TYPE, reputation.SyncRequest.TYPE, reputation.SyncResponse.TYPE}  # test_reputation_records.py
+    covered |= {
+        reputation.RecordBundle.TYPE,
+        reputation.SyncRequest.TYPE,
+        reputation.SyncResponse.TYPE,
+    }  # test_reputation_records.py
     assert covered == set(codec.registered_types())
 
 

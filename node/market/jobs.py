@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from node.market.provider import ProviderService
 from node.market.requests import SubmitRequest, new_job_id, sha256_file
 from node.market.transfer import DigestMismatch, receive_file, send_file
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel, loopback_pair
+from node.reputation.service import ReputationService
 from node.store import Store
 from protocol import codec
 from protocol.cosign import sign_as, terms_hash, verify_role
@@ -56,6 +58,7 @@ from protocol.messages import (
     JobAccepted,
     JobResult,
     JobSpec,
+    Outcome,
     Quote,
     QuoteRequest,
     Receipt,
@@ -78,10 +81,39 @@ DISCOVERY_RETRY_S: Final = 1.0
 BUSY_PATIENCE_S: Final = 600.0  # how long a job queues while every fitting provider is busy
 BUSY_RETRY_MAX_S: Final = 5.0
 WAIT_FOR: Final = frozenset({RejectCode.BUSY})
+VERIFY_BELOW: Final = 0.7  # results of providers trusted less than this are replicated (every new one: 0.5)
+REFUSE_BELOW: Final = 0.35  # not asked at all: a recent bad result caps trust at 0.3 (protocol/trust.py)
 
 
 class AttemptFailed(Exception):
     """This provider did not deliver (died, stalled, refused, lied). The job moves on to the next candidate."""
+
+
+class ResultDisputed(Exception):
+    """Replicas of the job disagree and no majority exists: the job fails rather than return a guess."""
+
+
+@dataclass
+class _Run:
+    provider: str
+    wire_id: str
+    outcome: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> tuple[Any, ...]:
+        result = self.outcome["result"]
+        outputs = tuple(sorted((name, o["sha256"]) for name, o in result["outputs"].items()))
+        return (self.outcome["exit_status"], result["stdout_sha256"], outputs)
+
+
+def base_job_id(wire_id: str) -> str:
+    """The job a wire id belongs to: verification replicas run as ``<job id>-v<n>``."""
+    return re.sub(r"-v\d+$", "", wire_id)
+
+
+def _with_note(outcome: dict[str, Any], note: str, verified_by: list[str]) -> dict[str, Any]:
+    result = dict(outcome["result"], verification=note, verified_by=verified_by)
+    return dict(outcome, result=result, provider=result["provider"])
 
 
 @dataclass
@@ -112,6 +144,10 @@ class JobManager:
         k: int = DEFAULT_K,
         max_attempts: int = MAX_ATTEMPTS,
         trust: Callable[[str], float] = lambda peer: NEUTRAL_TRUST,
+        reputation: ReputationService | None = None,
+        verify_below: float = VERIFY_BELOW,
+        refuse_below: float = REFUSE_BELOW,
+        replicas: int = 2,
         discovery_patience_s: float = DISCOVERY_PATIENCE_S,
         busy_patience_s: float = BUSY_PATIENCE_S,
     ) -> None:
@@ -125,7 +161,11 @@ class JobManager:
         self.clock_ms = clock_ms
         self.k = k
         self.max_attempts = max_attempts
-        self.trust = trust
+        self.reputation = reputation
+        self.trust = reputation.trust if reputation is not None else trust
+        self.verify_below = verify_below
+        self.refuse_below = refuse_below
+        self.replicas = replicas
         self.discovery_patience_s = discovery_patience_s
         self.busy_patience_s = busy_patience_s
         self._nursery: trio.Nursery | None = None
@@ -265,10 +305,101 @@ class JobManager:
                 failures.append(f"{provider[:16]}…: {exc}")
                 excluded.add(provider)
                 continue
-            self.store.end_attempt(job_id, attempt, now_ms=self.clock_ms(), outcome="completed", reason=None)
+            try:
+                outcome = await self._verify(job_id, req, provider, outcome, excluded | {provider})
+            except ResultDisputed as exc:
+                self.store.end_attempt(job_id, attempt, now_ms=self.clock_ms(), outcome="disputed", reason=str(exc))
+                self._set(job_id, state="failed", error=str(exc))
+                return
+            lied = outcome["provider"] != provider
+            self.store.end_attempt(
+                job_id,
+                attempt,
+                now_ms=self.clock_ms(),
+                outcome="bad-result" if lied else "completed",
+                reason="outvoted by replicas" if lied else None,
+            )
             self._set(job_id, state="completed", error=None, **outcome)
             return
         self._set(job_id, state="failed", error=f"failed on {len(failures)} provider(s): " + "; ".join(failures))
+
+    # ------------------------------------------------------------------------------------------- verification
+
+    async def _rate(self, wire_job_id: str, outcome: Outcome, score: int) -> None:
+        row = self.store.get_receipt(wire_job_id)
+        if self.reputation is not None and row is not None:
+            await self.reputation.rate(receipt=row.receipt, outcome=outcome, score=score)
+
+    async def _replicate(self, job_id: str, req: dict[str, Any], n: int, exclude: set[str]) -> _Run | None:
+        """Run the job again as ``<id>-v<n>`` on a provider not in ``exclude``; None if nobody could."""
+        wire_id = f"{job_id}-v{n}"
+        for _ in range(self.max_attempts):
+            chosen, _reasons, _candidates = await self._negotiate(wire_id, req, exclude)
+            if chosen is None:
+                return None
+            agreement, provider = chosen
+            try:
+                outcome = await self._transfer(
+                    wire_id, req, agreement, provider, out_dir=self.jobs_dir / job_id / f"v{n}"
+                )
+            except AttemptFailed as exc:
+                log.info("replica %s on %s failed: %s", wire_id, provider, exc)
+                exclude = exclude | {provider}
+                continue
+            return _Run(provider, wire_id, outcome)
+        return None
+
+    async def _verify(
+        self, job_id: str, req: dict[str, Any], provider: str, outcome: dict[str, Any], excluded: set[str]
+    ) -> dict[str, Any]:
+        """Adaptive verification: replicate the job when ``provider`` is not trusted enough yet.
+
+        Returns the outcome to store (the majority's, when the first provider was outvoted), with a
+        ``verification`` note in its result. Raises :class:`ResultDisputed` when results differ and no
+        majority can be had.
+        """
+        primary = _Run(provider, job_id, outcome)
+        trust = self.trust(provider)
+        if self.replicas < 2 or trust >= self.verify_below:
+            await self._rate(job_id, Outcome.SUCCESS, 100)
+            note = "off" if self.replicas < 2 else f"not needed (trust {trust:.2f})"
+            return _with_note(outcome, note, [])
+        replica = await self._replicate(job_id, req, 1, set(excluded))
+        if replica is None:
+            await self._rate(job_id, Outcome.SUCCESS, 100)
+            return _with_note(outcome, "unverified: no second provider was available for a replica", [])
+        runs = [primary, replica]
+        if primary.fingerprint != replica.fingerprint:
+            tie = await self._replicate(job_id, req, 2, set(excluded) | {replica.provider})
+            if tie is None:
+                raise ResultDisputed(
+                    f"results of {provider[:16]}… and {replica.provider[:16]}… differ, and no third provider could "
+                    "break the tie"
+                )
+            runs.append(tie)
+        votes: dict[tuple[Any, ...], list[_Run]] = {}
+        for run in runs:
+            votes.setdefault(run.fingerprint, []).append(run)
+        winners = max(votes.values(), key=len)
+        if len(winners) < 2:
+            raise ResultDisputed("three providers returned three different results")
+        for run in runs:
+            good = run in winners
+            await self._rate(run.wire_id, Outcome.SUCCESS if good else Outcome.BAD_RESULT, 100 if good else 0)
+        others = [r.provider for r in winners if r is not primary]
+        if primary in winners:
+            return _with_note(outcome, f"matched by {len(others)} replica(s)", others)
+        best = winners[0]
+        job_dir = self.jobs_dir / job_id
+        source = job_dir / best.wire_id.rsplit("-", 1)[1]
+        for name in ("stdout", "stderr"):
+            (source / name).replace(job_dir / name)
+        if (source / "outputs").exists():
+            shutil.rmtree(job_dir / "outputs", ignore_errors=True)
+            (source / "outputs").replace(job_dir / "outputs")
+        fixed = dict(best.outcome)
+        fixed["result"] = dict(fixed["result"], provider=best.provider)
+        return _with_note(fixed, f"{provider[:16]}… was outvoted: its result differed from the majority", others)
 
     def _quote_request(self, job_id: str, req: dict[str, Any]) -> QuoteRequest:
         from protocol.messages import Limits, Resources
@@ -299,7 +430,8 @@ class JobManager:
         self, job_id: str, req: dict[str, Any], excluded: set[str]
     ) -> tuple[tuple[Agreement, str] | None, list[RejectCode], int]:
         request = self._quote_request(job_id, req)
-        candidates = [p for p in await self.find_providers(req) if p not in excluded][: self.k]
+        found = [p for p in await self.find_providers(req) if p not in excluded]
+        candidates = [p for p in found if p == self.identity.peer_id or self.trust(p) >= self.refuse_below][: self.k]
         reasons: list[RejectCode] = []
         pending: list[_Pending] = []
 
@@ -400,9 +532,17 @@ class JobManager:
 
     # ------------------------------------------------------------------------------------------- transfer
 
-    async def _transfer(self, job_id: str, req: dict[str, Any], agreement: Agreement, provider: str) -> dict[str, Any]:
-        """Run one attempt on ``provider``; return the job fields to store on success."""
-        job_dir = self.jobs_dir / job_id
+    async def _transfer(
+        self, job_id: str, req: dict[str, Any], agreement: Agreement, provider: str, *, out_dir: Path | None = None
+    ) -> dict[str, Any]:
+        """Run one attempt on ``provider``; return the job fields to store on success.
+
+        ``job_id`` is the id on the wire (a verification replica has its own); logs and outputs go to ``out_dir``
+        (default: the job's dir), inputs always come from the job's dir.
+        """
+        base_id = base_job_id(job_id)
+        job_dir = out_dir or self.jobs_dir / base_id
+        job_dir.mkdir(parents=True, exist_ok=True)
         inputs = tuple(
             FileRef(name=i["name"], sha256=bytes.fromhex(i["sha256"]), size=i["size"]) for i in req["inputs"]
         )
@@ -441,7 +581,7 @@ class JobManager:
             raise AttemptFailed(f"refused: {answer.code.value}: {answer.message}")
         for ref in spec.inputs:
             await send_file(m, channel, job_id=spec.job_id, kind=ChunkKind.INPUT, name=ref.name,
-                            path=job_dir / "inputs" / ref.name)  # fmt: skip
+                            path=self.jobs_dir / base_job_id(spec.job_id) / "inputs" / ref.name)  # fmt: skip
         logs = {ChunkKind.STDOUT: job_dir / "stdout", ChunkKind.STDERR: job_dir / "stderr"}
         digests = {kind: hashlib.sha256() for kind in logs}
         for path in logs.values():

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
@@ -92,6 +92,7 @@ class ProviderService:
         max_concurrent: int,
         clock_ms: Callable[[], int],
         blocked: frozenset[str] = frozenset(),
+        on_receipt: Callable[[Receipt], Awaitable[None]] | None = None,
     ) -> None:
         self.identity = identity
         self.messenger = messenger
@@ -103,6 +104,7 @@ class ProviderService:
         self.max_concurrent = max_concurrent
         self.clock_ms = clock_ms
         self.blocked = blocked
+        self.on_receipt = on_receipt  # rates the client once the receipt is signed by both
         self.running: dict[str, trio.CancelScope] = {}
         self._reserved: dict[bytes, float] = {}
         self.quotes_sent = 0
@@ -392,6 +394,8 @@ class ProviderService:
         else:
             verify_both(answer)
             self.store.put_receipt(answer)
+            if self.on_receipt is not None:
+                await self.on_receipt(answer)
         self.store.update_job(
             spec.job_id, "provider", now_ms=self.clock_ms(), state=state, error=error,
             exit_status=job_result.exit_status, termination=job_result.termination.value,

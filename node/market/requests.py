@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,8 @@ def parse_submission(body: object) -> SubmitRequest:
     job_id = body.get("job_id", "")
     if not isinstance(job_id, str) or (job_id and not (job_id.isascii() and job_id.replace("-", "").isalnum())):
         raise BadSubmission("job_id must be letters, digits and '-'")
+    if re.search(r"-v\d+$", job_id):
+        raise BadSubmission("job_id must not end in -v<digits> (reserved for verification replicas)")
     return SubmitRequest(
         command=tuple(command),
         env=dict(env),

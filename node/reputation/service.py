@@ -1,0 +1,232 @@
+"""The reputation service: rate finished jobs, gossip the records, pull what gossip missed, keep trust current.
+
+Theory of operation
+-------------------
+* After a job, each side calls :meth:`ReputationService.rate` with the job's receipt: the record is signed,
+  stored, and published on ``/coop/reputation/1``.
+* Gossip is validated before it is accepted or forwarded (:meth:`validate_gossip`): decode under the size cap,
+  rater signature, two-party receipt and binding, freshness, not already held, and at most
+  ``RaterLimits.per_window`` records per rater per window. Every refusal is counted by reason; nothing refused
+  is stored or forwarded.
+* Gossip is best effort, so every ``sync_interval_s`` the node pulls from a few connected peers over
+  ``/coop/sync/1.0.0``: pages of bundles after the cursor it reached with that peer (from the start, the first
+  time), each verified exactly like gossip (except the rate limit: the puller asked for them).
+* Trust scores (protocol/trust.py) are recomputed lazily after records change.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from node import net
+from node.market.wire import ChannelClosed, FrameChannel, StreamChannel
+from node.reputation.records import RecordRow, RecordStore
+from protocol import codec
+from protocol.cosign import terms_hash
+from protocol.errors import RemoteProtocolError
+from protocol.identity import Identity
+from protocol.messages import Outcome, Receipt, ReputationRecord
+from protocol.reputation import (
+    REPUTATION_TOPIC,
+    SYNC_PROTOCOL_ID,
+    RaterLimits,
+    RecordBundle,
+    SyncRequest,
+    SyncResponse,
+    VerifiedRecord,
+    make_bundle,
+    verify_bundle,
+)
+from protocol.trust import Evidence, TrustParams, TrustScore, TrustTable, compute_trust
+
+log = logging.getLogger(__name__)
+
+SYNC_PEERS: Final = 3  # peers pulled from per round
+SYNC_MAX_PAGES: Final = 20  # per peer per round (500 records a page)
+SYNC_TIMEOUT_S: Final = 10.0
+MAX_GOSSIP_BYTES: Final = RecordBundle.MAX_BYTES
+
+
+class ReputationService:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        records: RecordStore,
+        clock_ms: Callable[[], int],
+        sync_interval_s: float = 30.0,
+        trust_params: TrustParams | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.identity = identity
+        self.records = records
+        self.host: net.NetHost | None = None  # set once the host is up (the host needs our validator first)
+        self.clock_ms = clock_ms
+        self.sync_interval_s = sync_interval_s
+        self.trust_params = trust_params or TrustParams()
+        self.rng = rng or random.Random()
+        self.limits = RaterLimits()
+        self.rejected: dict[str, int] = {}
+        self.accepted = 0
+        self.pulled = 0
+        self._cursors: dict[str, tuple[int, bytes]] = {}
+        self._table: TrustTable | None = None
+
+    # ------------------------------------------------------------------------------------------- trust
+
+    def table(self) -> TrustTable:
+        if self._table is None:
+            evidence = [self._evidence(r) for r in self.records.rows()]
+            self._table = compute_trust(
+                evidence, me=self.identity.peer_id, now=self.clock_ms(), params=self.trust_params
+            )
+        return self._table
+
+    @staticmethod
+    def _evidence(r: RecordRow) -> Evidence:
+        return Evidence(rater=r.rater, ratee=r.ratee, outcome=Outcome(r.outcome), score=r.score, time=r.time,
+                        cost=r.cost, receipt_hash=r.receipt_hash)  # fmt: skip
+
+    def trust(self, peer: str) -> float:
+        return self.table().score(peer)
+
+    def explain(self, peer: str) -> TrustScore:
+        return self.table().explain(peer)
+
+    def _changed(self) -> None:
+        self._table = None
+
+    # ------------------------------------------------------------------------------------------- producing
+
+    async def rate(self, *, receipt: Receipt, outcome: Outcome, score: int, comment: str = "") -> VerifiedRecord:
+        """Sign, store and publish our record about the other party of ``receipt``."""
+        me = self.identity.peer_id
+        ratee = receipt.provider if receipt.client == me else receipt.client
+        record = ReputationRecord(
+            rater=me,
+            ratee=ratee,
+            receipt_hash=terms_hash(receipt),
+            outcome=outcome,
+            score=score,
+            time=max(self.clock_ms(), receipt.issued_at),
+            comment=comment,
+        )
+        verified = verify_bundle(make_bundle(self.identity, record, receipt), now=self.clock_ms())
+        if self.records.put(verified, received_ms=self.clock_ms()):
+            self._changed()
+        try:
+            assert self.host is not None
+            await self.host.publish(REPUTATION_TOPIC, codec.encode(verified.bundle))
+        except (net.NetError, ValueError) as exc:  # gossip is best effort: the pull path delivers it later
+            log.info("could not publish a record: %s", exc)
+        return verified
+
+    # ------------------------------------------------------------------------------------------- receiving
+
+    def _refuse(self, code: str) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+
+    def _check(self, data: bytes) -> VerifiedRecord | None:
+        try:
+            verified = verify_bundle(codec.decode(data, RecordBundle), now=self.clock_ms())
+        except RemoteProtocolError as exc:
+            self._refuse(exc.code)
+            return None
+        return verified
+
+    def validate_gossip(self, peer: str, data: bytes) -> bool:
+        """The topic validator: accept (and forward) only records that are valid, new, and within the rate."""
+        if len(data) > MAX_GOSSIP_BYTES:
+            self._refuse("oversized")
+            return False
+        verified = self._check(data)
+        if verified is None:
+            return False
+        # Our own records are stored before they are published (and libp2p validates what we publish too).
+        if verified.record.rater != self.identity.peer_id and not self._is_news(verified):
+            self._refuse("replayed")
+            return False
+        try:
+            self.limits.check(verified.record.rater, self.clock_ms())
+        except RemoteProtocolError as exc:
+            self._refuse(exc.code)
+            return False
+        return True
+
+    def _is_news(self, verified: VerifiedRecord) -> bool:
+        held = self.records.time_of(verified.id)
+        return held is None or held < verified.record.time
+
+    async def consume_gossip(self) -> None:
+        assert self.host is not None
+        async for _peer, data in self.host.gossip_messages(REPUTATION_TOPIC):
+            verified = self._check(data)  # validated already; decode again (cheap) to store exactly what we checked
+            if verified is not None and self.records.put(verified, received_ms=self.clock_ms()):
+                self.accepted += 1
+                self._changed()
+
+    # ------------------------------------------------------------------------------------------- pull path
+
+    async def rpc_sync(self, channel: FrameChannel) -> None:
+        """Serve pages of records until the peer closes the stream."""
+        while True:
+            try:
+                with trio.fail_after(SYNC_TIMEOUT_S):
+                    data = await channel.receive(SyncRequest.MAX_BYTES)
+            except (ChannelClosed, trio.TooSlowError):
+                return
+            request = codec.decode(data, SyncRequest)
+            bundles, more = self.records.page(since=request.since, after_id=request.after_id, limit=request.limit)
+            await channel.send(codec.encode(SyncResponse(bundles=tuple(bundles), more=more)))
+
+    async def pull_from(self, peer: str) -> int:
+        """Fetch the records ``peer`` holds after our cursor with it; return how many were new."""
+        assert self.host is not None
+        since, after = self._cursors.get(peer, (0, b""))
+        new = 0
+        stream = await self.host.open_stream(peer, SYNC_PROTOCOL_ID)
+        channel = StreamChannel(stream)
+        try:
+            for _ in range(SYNC_MAX_PAGES):
+                await channel.send(codec.encode(SyncRequest(since=since, after_id=after, limit=500)))
+                with trio.fail_after(SYNC_TIMEOUT_S):
+                    response = codec.decode(await channel.receive(SyncResponse.MAX_BYTES), SyncResponse)
+                for bundle in response.bundles:
+                    try:
+                        verified = verify_bundle(bundle, now=self.clock_ms())
+                    except RemoteProtocolError as exc:
+                        self._refuse(exc.code)
+                        continue
+                    if (verified.record.time, verified.id) > (since, after):
+                        since, after = verified.record.time, verified.id
+                    if self.records.put(verified, received_ms=self.clock_ms()):
+                        new += 1
+                if not response.more or not response.bundles:
+                    break
+        finally:
+            await channel.aclose()
+        self._cursors[peer] = (since, after)
+        if new:
+            self.pulled += new
+            self._changed()
+        return new
+
+    async def sync_forever(self) -> None:
+        assert self.host is not None
+        while True:
+            peers = self.host.connected_peers()
+            for peer in self.rng.sample(peers, min(SYNC_PEERS, len(peers))):
+                try:
+                    await self.pull_from(peer)
+                except (net.NetError, ChannelClosed, trio.TooSlowError, RemoteProtocolError) as exc:
+                    log.debug("pull from %s failed: %r", peer, exc)
+            await trio.sleep(self.sync_interval_s)
+
+    def statistics(self) -> dict[str, Any]:
+        return {"records": self.records.count(), "accepted_by_gossip": self.accepted, "pulled": self.pulled,
+                "rejected": dict(self.rejected)}  # fmt: skip
