@@ -55,15 +55,14 @@ async def test_five_node_cluster(launcher):
         assert set(await found("--gpus", "1", "--gpu-model", "4090")) == {gpu_node.peer_id}
         assert await found("--gpus", "1", "--gpu-model", "a100") == {}
 
-        # a killed provider disappears from `node find` within the expiry window
+        # a killed provider disappears from `node find` within the expiry window: once its last ad (published
+        # at the latest when it was killed) has expired, beyond the allowed skew, no find lists it
         victim_id = victim.peer_id
         victim.kill()
         await victim.process.wait()
-        killed_at = trio.current_time()
-        await wait_until(lambda: _when(found("--cpus", "1"), lambda f: victim_id not in f))
-        gone_after = trio.current_time() - killed_at
-        # ad TTL + skew + one find round (its lookups time out after 5 s)
-        assert gone_after <= TTL + SKEW + 6.0, gone_after
+        await trio.sleep_until(trio.current_time() + TTL + SKEW)  # what we wait for is the expiry time itself
+        assert victim_id not in await found("--cpus", "1")
+        assert set(await found("--cpus", "1")) == set(ids) - {victim_id}
 
         # a restarted node keeps its peer id and is found again
         await launcher.start(victim)

@@ -1,73 +1,15 @@
-"""The libp2p adapter: the one module of the daemon that imports py-libp2p (0.8.1).
-
-Theory of operation: :func:`open_host` builds a host from a raw Ed25519 seed, listens, runs a server-mode Kademlia
-DHT beside it (and, given ``gossip_topics``, GossipSub) and yields a :class:`NetHost`, through which the rest of
-``node/`` dials, opens and serves streams (:class:`NetStream`, with length-prefixed frames), uses the DHT and
-publishes/receives gossip. Peer ids cross this boundary as base58 strings and addresses as multiaddr strings; no
-libp2p type leaks out.
-
-Rules:
-    * Security is Noise only. The default host also accepts plaintext (a peer knowing only a victim's public key
-      could pose as the victim: libp2p-facts trap 1), secio and TLS.
-    * libp2p errors caused by a peer or the network are caught here, narrowly, and re-raised as the typed errors
-      below. A stream handler may raise :class:`NetError` or :class:`~protocol.errors.RemoteProtocolError` to drop a
-      misbehaving peer's stream; anything else is a bug and propagates (taking the connection down).
-    * DHT records live under ``/coop/``, checked by the caller's ``validate``/``select``; a validator rejects by
-      raising :class:`~protocol.errors.ProtocolError` or ``ValueError``. ``strict_validation`` refuses every other
-      namespace except libp2p's built-in ``pk``/``ipns``.
-    * DHT keys are 2-50 bytes of UTF-8: FIND_NODE ignores longer non-multihash targets, silently confining records
-      to direct neighbours (trap 3). Callers hash long names.
-
-Deviations and workarounds:
-    * ``KadDHT.get_value`` returns a local copy first, unvalidated (trap 5): :meth:`NetHost.dht_get` re-validates.
-      Nothing checks freshness: records must carry their own expiry.
-    * ``KadDHT.provide``/``find_providers`` guess whether a key is a CID, hex or text; we always use its UTF-8
-      bytes. ``find_providers`` repeats providers (trap 7): we dedupe, and add their addresses to the peerstore
-      (libp2p does not) so :meth:`NetHost.open_stream` can reach them. ``find_providers`` also returns only the
-      local records whenever there are any, so a provider never saw the others: we merge local records with a
-      GET_PROVIDERS query to each of the peers closest to the key (a private helper of ``ProviderStore``).
-    * The Kademlia protocol id is fixed at ``/ipfs/kad/1.0.0`` (trap 14): never bootstrap from public IPFS peers.
-    * GossipSub's defaults drop or delay messages (trap 10). What we set, for a 10-100 node network:
-        - ``heartbeat_interval`` 1 s (default 120 s: mesh repair and IHAVE gossip every two minutes).
-        - ``degree``/``degree_low``/``degree_high`` 6/5/12: go-libp2p's defaults (0.8.1 has none).
-        - ``max_messages_per_topic_per_second`` 200 (default 10: past it the router silently stops *forwarding*,
-          per topic per forwarder, our own publishes included).
-        - ``prune_back_off`` 10 s (default 60 s, during which a leaf pruned by a full hub starved).
-        - ``adaptive_gossip_enabled`` off: every 30 s it rescales the heartbeat assuming a 120 s base, to 30-60 s
-          whenever its health score is under 0.7.
-        - No peer scorer (``router.scorer = None``; no constructor option). Default scores are all 0, so it gated
-          nothing, but it drove 0.8.1's opportunistic grafting, which re-grafted the peers pruned a heartbeat
-          before; they took that for a GRAFT flood and pruned back, and their hub then stopped gossiping to them
-          (15-node star, a leaf publishing 20: several leaves got none or half; without it every leaf got all 20
-          in 5 runs of 6).
-        - Only ``/meshsub/1.1.0``: from 1.2, 0.8.1 sends an IDONTWANT to each mesh peer for *every* message
-          (go-libp2p: over 1 KiB only), doubling the RPCs in each outbound queue.
-        - Per-peer outbound queues of :data:`GOSSIP_PEER_QUEUE_LEN` RPCs (fixed at 32, dropping the newest: 16 of a
-          30-message burst arrived): ``_CoopPubsub`` resizes each one as libp2p stores it.
-        - Flood publish (go-libp2p's default; absent in 0.8.1): ``_CoopGossipSub`` sends our own messages to every
-          peer in the topic, not just the mesh, which is empty on a node its peers have just pruned.
-        - Delivery bypasses libp2p's 32-entry subscription channel (which silently drops the newest) for our own
-          bounded inbox per topic, which drops the oldest and counts it. Remote subscriptions are limited to our
-          topics (``allowed_topics``).
-      Left as they are: gossip window/history (3/5 heartbeats), IHAVE/IWANT limits (10/s per peer; a 1 s heartbeat
-      sends about one), eclipse protection (inert without a scorer), peer exchange (off: it would dial whoever a
-      PRUNE names), the 1 MiB inbound RPC cap (we publish at most :data:`MAX_GOSSIP_BYTES`). A peer that shrinks
-      below ``degree_low`` re-grafts peers it pruned within their back-off (0.8.1 records none for its own
-      prunes); they prune back and are not gossiped to for 10 s. Gossip stays best effort: anything that must
-      arrive also needs a pull path over a stream.
-"""
+"""The libp2p host, streams and DHT of the adapter; the rules and workarounds are in ``node/net/__init__.py``."""
 
 from __future__ import annotations
 
 import logging
 import math
 import os
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from types import TracebackType
-from typing import Final, final
+from typing import final
 
 import multiaddr
 import multiaddr.exceptions
@@ -78,120 +20,54 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TMuxerOptions, TProtocol
 from libp2p.exceptions import BaseLibp2pError, MultiError
-from libp2p.io.exceptions import IOException
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
-from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
-from libp2p.pubsub.rpc_queue import PriorityQueue, RpcQueue
 from libp2p.records.validator import Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.exceptions import MuxedConnError, MuxedStreamError
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
-from protocol.errors import InvalidKey, OversizedFrame, ProtocolError, RemoteProtocolError
+from node.net.common import (
+    _CLOSE_TIMEOUT_S,
+    _RESET_TIMEOUT_S,
+    _STREAM_ERRORS,
+    COOP_DHT_NAMESPACE,
+    DEFAULT_READ_BYTES,
+    FRAME_HEADER,
+    MAX_DHT_KEY_BYTES,
+    MAX_FRAME_BYTES,
+    MAX_GOSSIP_BYTES,
+    MIN_DHT_KEY_BYTES,
+    PROVIDER_ADDR_TTL_S,
+    PROVIDER_QUERY_TIMEOUT_S,
+    DialError,
+    FrameTooLarge,
+    InvalidAddress,
+    ListenError,
+    NetError,
+    NetStatistics,
+    Select,
+    StreamClosed,
+    StreamOpenError,
+    TopicValidator,
+    Validate,
+    _Counters,
+)
+from node.net.gossip import (
+    _Gossip,
+)
+from protocol.errors import InvalidKey, ProtocolError, RemoteProtocolError
 from protocol.identity import Identity, public_key_from_peer_id
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("node.net")
 
-COOP_DHT_NAMESPACE: Final = "coop"
-MAX_DHT_KEY_BYTES: Final = 50  # FIND_NODE ignores longer targets that are not multihashes (trap 3)
-MIN_DHT_KEY_BYTES: Final = 2  # ... and shorter ones
-FRAME_HEADER: Final = struct.Struct(">I")  # 4-byte big-endian body length
-MAX_FRAME_BYTES: Final = (1 << 32) - 1  # what the header can express
-DEFAULT_READ_BYTES: Final = 64 * 1024  # 64 KiB
-PROVIDER_QUERY_TIMEOUT_S: Final = 5.0
-PROVIDER_ADDR_TTL_S: Final = 600  # how long a provider's advertised addresses stay dialable
-_RESET_TIMEOUT_S: Final = 1.0  # bound on the shielded reset after a failed or cancelled handler
-_CLOSE_TIMEOUT_S: Final = 2.0  # bound on closing every connection at shutdown
-MAX_GOSSIP_BYTES: Final = 64 * 1024  # 64 KiB per published message (libp2p silently drops RPCs over 1 MiB)
-GOSSIP_INBOX_LEN: Final = 256  # messages buffered per topic for a slow consumer; beyond it the oldest are dropped
-GOSSIP_PEER_QUEUE_LEN: Final = 128  # outbound RPCs queued per peer (libp2p: 32); bounds memory to ~8 MiB per peer
-_GOSSIP_HEARTBEAT_S: Final = 1
-_GOSSIP_DEGREE: Final = 6  # D: mesh peers per topic
-_GOSSIP_DEGREE_LOW: Final = 5
-_GOSSIP_DEGREE_HIGH: Final = 12
-_GOSSIP_RATE_PER_S: Final = 200.0  # messages per second per topic per forwarder before the router stops forwarding
-_GOSSIP_PRUNE_BACKOFF_S: Final = 10
-
-# Errors py-libp2p raises on stream I/O when the peer or the connection goes away or misbehaves.
-_STREAM_ERRORS: Final = (IOException, MuxedStreamError, MuxedConnError)
-
-Validate = Callable[[str, bytes], None]
-Select = Callable[[str, list[bytes]], int]
 StreamHandler = Callable[["NetStream"], Awaitable[None]]
-TopicValidator = Callable[[str, bytes], bool]  # (source peer id, data) -> accept?
-
-
-class NetError(Exception):
-    """Base of the errors this module raises."""
-
-
-class DialError(NetError):
-    """A peer could not be reached: no route, refused, failed handshake or wrong identity. Not our bug."""
-
-
-class InvalidAddress(NetError, ValueError):
-    """A multiaddr or peer id string could not be parsed (bad input, from a caller or a peer)."""
-
-
-class ListenError(NetError):
-    """The host could not listen on a requested address (in use, not ours, unsupported)."""
-
-
-class StreamOpenError(NetError):
-    """We reached the peer but it did not accept a stream for the protocol (or the connection broke)."""
-
-
-class StreamClosed(NetError, trio.BrokenResourceError):
-    """The stream ended under us: the peer closed or reset it, or the connection dropped."""
-
-
-class FrameTooLarge(NetError, OversizedFrame):
-    """A peer announced a frame over the receiver's cap. The peer's fault; the stream has been reset."""
-
-
-@final
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NetStatistics:
-    """A snapshot of a :class:`NetHost`'s counters."""
-
-    connected_peers: int
-    routing_table_size: int
-    dials_failed: int
-    streams_opened: int
-    streams_accepted: int
-    streams_dropped: int  # inbound streams whose handler raised NetError/RemoteProtocolError
-    frames_too_large: int
-    dht_records_rejected: int  # records dht_get refused on re-validation
-    refused: dict[str, int]  # inbound streams dropped, by error code (oversized, malformed, bad-signature...)
-    gossip_received: int  # messages from others that passed validation
-    gossip_rejected: int  # messages our validator refused (or raised on), ours included
-    gossip_dropped: int  # accepted messages dropped, oldest first, because a topic's consumer fell behind
-    gossip_published: int
-
-
-@dataclass(slots=True)
-class _Counters:
-    dials_failed: int = 0
-    streams_opened: int = 0
-    streams_accepted: int = 0
-    streams_dropped: int = 0
-    frames_too_large: int = 0
-    dht_records_rejected: int = 0
-    refused: dict[str, int] = field(default_factory=dict)
-    gossip_received: int = 0
-    gossip_rejected: int = 0
-    gossip_dropped: int = 0
-    gossip_published: int = 0
 
 
 @final
@@ -403,154 +279,6 @@ async def receive_frame(stream: NetStream, max_bytes: int) -> bytes:
         await stream._reset_shielded()
         raise FrameTooLarge(f"{stream.remote_peer} announced a {length}-byte frame; the cap is {max_bytes}")
     return await stream.read_exactly(length) if length else b""
-
-
-# GossipSub (private helpers)
-#
-# Theory of operation: given ``gossip_topics``, open_host runs one ``_Gossip``: a GossipSub router and our Pubsub
-# subclass. An inbound message goes through libp2p's ``Pubsub.push_msg``: signature check (strict signing, so the
-# ``from`` peer is authenticated) -> ``_Gossip.validate`` (registered per topic; libp2p caches each verdict by
-# message id, so it runs once per message) -> duplicate check -> ``_CoopPubsub.notify_subscriptions`` (overridden
-# to put ``(source, data)`` into the topic's ``_GossipInbox``) -> the router forwards it to its mesh. Rejected
-# messages are neither delivered nor forwarded. ``NetHost.publish`` validates our own message first, then hands it
-# to the same path; it is not echoed into our own inbox, and ``_CoopGossipSub`` sends it to every peer in the topic.
-# The three subclasses override one hook each; they depend on 0.8.1 internals, so recheck them on an upgrade.
-
-
-@final
-class _RoomyQueues(dict[ID, RpcQueue]):
-    """``Pubsub.peer_queues`` that enlarges each per-peer outbound queue as libp2p stores it: 0.8.1 builds them
-    with a fixed 32 RPCs and has no option for it."""
-
-    def __setitem__(self, peer_id: ID, queue: RpcQueue) -> None:
-        inner = getattr(queue, "_queue", None)
-        if isinstance(inner, PriorityQueue):
-            inner.max_size = GOSSIP_PEER_QUEUE_LEN
-        else:  # pragma: no cover - guards a libp2p change; the queue then keeps its default size
-            logger.warning("cannot resize libp2p's pubsub queue (%r): bursts may be dropped", type(inner))
-        super().__setitem__(peer_id, queue)
-
-
-@final
-class _CoopGossipSub(GossipSub):
-    """GossipSub that floods our own messages to every peer in the topic, as go-libp2p does by default
-    (``floodPublish``): 0.8.1 sends them to the mesh only, so a node its peers had just pruned published nothing."""
-
-    def _get_peers_to_send(
-        self, topic_ids: Iterable[str], msg_forwarder: ID, origin: ID, msg_id: bytes | None = None
-    ) -> Iterable[ID]:
-        peers = set(super()._get_peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
-        if self.pubsub is not None and msg_forwarder == origin == self.pubsub.my_id:
-            for topic in topic_ids:
-                peers.update(p for p in self.pubsub.peer_topics.get(topic, ()) if p in self.peer_protocol)
-        return peers
-
-
-@final
-class _CoopPubsub(Pubsub):
-    """Pubsub with strict signing, larger outbound queues, and accepted messages handed to ``deliver``."""
-
-    def __init__(
-        self, host: IHost, router: GossipSub, topics: frozenset[str], deliver: Callable[[rpc_pb2.Message], None]
-    ) -> None:
-        super().__init__(host, router, strict_signing=True, allowed_topics=topics)
-        self.peer_queues = _RoomyQueues()
-        self._deliver = deliver
-
-    def notify_subscriptions(self, publish_message: rpc_pb2.Message) -> None:
-        # libp2p puts the message into a 32-entry channel per subscription and drops it if that is full.
-        self._deliver(publish_message)
-
-
-@final
-class _GossipInbox:
-    """A topic's bounded queue of accepted messages; when full, the oldest is dropped (and counted)."""
-
-    def __init__(self, counters: _Counters) -> None:
-        self._counters = counters
-        self._send, self._receive = trio.open_memory_channel[tuple[str, bytes]](GOSSIP_INBOX_LEN)
-
-    def put(self, item: tuple[str, bytes]) -> None:
-        try:
-            self._send.send_nowait(item)
-        except trio.WouldBlock:
-            self._receive.receive_nowait()  # full, so it holds an item; we keep a receiver, so never broken
-            self._counters.gossip_dropped += 1
-            self._send.send_nowait(item)
-        except trio.ClosedResourceError:
-            pass  # shutting down
-
-    def receiver(self) -> trio.MemoryReceiveChannel[tuple[str, bytes]]:
-        return self._receive.clone()
-
-    def close(self) -> None:
-        self._send.close()
-
-
-@final
-class _Gossip:
-    """One host's GossipSub router, Pubsub and per-topic inboxes and validators."""
-
-    def __init__(self, host: IHost, topics: Mapping[str, TopicValidator], counters: _Counters) -> None:
-        self._my_id = host.get_id()
-        self._validators = dict(topics)
-        self._counters = counters
-        self.inboxes = {topic: _GossipInbox(counters) for topic in topics}
-        self.router = _CoopGossipSub(
-            protocols=[PROTOCOL_ID_V11],
-            degree=_GOSSIP_DEGREE,
-            degree_low=_GOSSIP_DEGREE_LOW,
-            degree_high=_GOSSIP_DEGREE_HIGH,
-            heartbeat_interval=_GOSSIP_HEARTBEAT_S,
-            prune_back_off=_GOSSIP_PRUNE_BACKOFF_S,
-            max_messages_per_topic_per_second=_GOSSIP_RATE_PER_S,
-            adaptive_gossip_enabled=False,
-        )
-        self.router.scorer = None  # see the module docstring: with default (all-zero) scores it only did harm
-        self.pubsub = _CoopPubsub(host, self.router, frozenset(topics), self._deliver)
-
-    @asynccontextmanager
-    async def run(self) -> AsyncIterator[None]:
-        """Run the services, register the validators, subscribe to every topic; close the inboxes on exit."""
-        try:
-            async with background_trio_service(self.pubsub), background_trio_service(self.router):
-                await self.pubsub.wait_until_ready()
-                for topic in self._validators:
-                    self.pubsub.set_topic_validator(topic, self._libp2p_validator(topic), False)
-                    await self.pubsub.subscribe(topic)
-                yield
-        finally:
-            for inbox in self.inboxes.values():
-                inbox.close()
-
-    def validate(self, topic: str, source: str, data: bytes) -> bool:
-        """Run the caller's validator; a validator that raises rejects (it must never reach libp2p's router)."""
-        try:
-            accepted = bool(self._validators[topic](source, data))
-        except Exception:  # the boundary around caller code run inside libp2p's tasks: any error is a reject
-            logger.exception("gossip validator for %r raised on a message from %s; rejecting it", topic, source)
-            accepted = False
-        if not accepted:
-            self._counters.gossip_rejected += 1
-        return accepted
-
-    def _libp2p_validator(self, topic: str) -> Callable[[ID, rpc_pb2.Message], bool]:
-        def validator(forwarder: ID, msg: rpc_pb2.Message) -> bool:
-            if forwarder == self._my_id:
-                return True  # our own publish: NetHost.publish has validated it already
-            return self.validate(topic, ID(msg.from_id).to_base58(), msg.data)
-
-        return validator
-
-    def _deliver(self, msg: rpc_pb2.Message) -> None:
-        if msg.from_id == self._my_id.to_bytes():
-            return  # our own publish
-        source = ID(msg.from_id).to_base58()
-        for topic in msg.topicIDs:
-            inbox = self.inboxes.get(topic)
-            if inbox is not None:
-                self._counters.gossip_received += 1
-                inbox.put((source, msg.data))
 
 
 @final
