@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
@@ -27,6 +29,9 @@ from starlette.routing import Route
 
 API_VERSION: Final = "v1"
 TOKEN_BYTES: Final = 32
+MAX_INT_PARAM_CHARS: Final = 20  # int() of a longer digit string is slow, and past 4300 digits a ValueError
+
+log = logging.getLogger(__name__)
 
 
 class BadQuery(ValueError):
@@ -68,7 +73,8 @@ def _int_param(request: Request, name: str, default: int, *, maximum: int) -> in
     text = request.query_params.get(name)
     if text is None or text == "":
         return default
-    if not text.isdigit() or int(text) > maximum:
+    # isdigit() alone accepts digits int() refuses ("²"), and int() refuses strings over 4300 digits
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_INT_PARAM_CHARS or int(text) > maximum:
         raise BadQuery(f"{name} must be a whole number between 0 and {maximum}")
     return int(text)
 
@@ -84,6 +90,31 @@ def parse_find_query(request: Request) -> FindQuery:
         gpu_model=model,
         limit=_int_param(request, "limit", 50, maximum=500),
     )
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None if it is over ``limit`` bytes. Memory stays bounded: past the limit the rest is
+    read and dropped (so that the client, still sending, gets the answer instead of a reset connection)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    return b"".join(chunks) if size <= limit else None
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route: 404, wrong method: 405) as JSON, like every other error."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
+    return JSONResponse({"error": code, "message": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    """A bug in a route: logged here (the server's own error log is off), answered as JSON without detail."""
+    log.error("internal error serving %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal", "message": "internal error (see the node's log)"}, status_code=500)
 
 
 class _TokenAuth(BaseHTTPMiddleware):
@@ -123,7 +154,11 @@ def build_app(backend: ApiBackend, token: str) -> Starlette:
         Route(f"/{API_VERSION}/find", find),
         *backend.extra_routes(),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(_TokenAuth, token=token)])
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_TokenAuth, token=token)],
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
 
 
 async def serve_api(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -12,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from node.api import read_body
 from node.market.requests import BadSubmission, parse_submission
 from protocol import codec
 from protocol.messages import file_name_ok
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 MAX_BODY_BYTES: Final = 96 << 20
 MAX_WAIT_S: Final = 300.0
+MAX_LIST_JOBS: Final = 1000
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -73,21 +76,26 @@ def job_routes(jobs: JobManager, store: Store, me: str) -> list[Route]:
         return store.get_job(job_id, "client") or store.get_job(job_id, "provider")
 
     async def submit(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
+        body = await read_body(request, MAX_BODY_BYTES)
+        if body is None:
             return _error(413, "too-large", "submission over 96 MiB; pass large inputs by path")
         try:
             submission = parse_submission(json.loads(body))
-        except (ValueError, BadSubmission) as exc:
+        except (ValueError, RecursionError, BadSubmission) as exc:  # RecursionError: JSON nested too deeply
             return _error(400, "bad-submission", str(exc))
         try:
             job_id = await jobs.submit(submission)
         except ValueError as exc:
             return _error(409, "conflict", str(exc))
+        except OSError as exc:  # an input path that cannot be read (or copied) after all
+            return _error(400, "bad-submission", f"could not stage the inputs: {exc}")
         return JSONResponse({"job_id": job_id}, status_code=201)
 
     async def list_jobs(request: Request) -> Response:
-        limit = min(int(request.query_params.get("limit", "100") or 100), 1000)
+        text = request.query_params.get("limit", "") or "100"
+        if not (text.isascii() and text.isdigit() and len(text) <= 9):
+            return _error(400, "bad-query", f"limit must be a whole number from 1 to {MAX_LIST_JOBS}")
+        limit = max(1, min(int(text), MAX_LIST_JOBS))
         return JSONResponse({"jobs": [job_json(store, r) for r in store.list_jobs(limit=limit)]})
 
     async def get_job(request: Request) -> Response:
@@ -101,7 +109,9 @@ def job_routes(jobs: JobManager, store: Store, me: str) -> list[Route]:
         try:
             seconds = min(float(request.query_params.get("timeout", "30")), MAX_WAIT_S)
         except ValueError:
-            return _error(400, "bad-query", "timeout must be a number of seconds")
+            seconds = math.nan
+        if not seconds >= 0:  # NaN and negative timeouts make trio raise
+            return _error(400, "bad-query", "timeout must be a number of seconds, at least 0")
         if find(job_id) is None:
             return _error(404, "not-found", "no such job")
         await jobs.wait(job_id, seconds=seconds)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from node.api import read_body
 from protocol.errors import LocalProtocolError
 from protocol.messages import Outcome
 
@@ -16,6 +17,8 @@ if TYPE_CHECKING:
     from node.reputation.service import ReputationService
     from node.store import Store
     from protocol.trust import TrustScore
+
+MAX_RATING_BYTES: Final = 64 << 10
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -49,13 +52,16 @@ def reputation_routes(service: ReputationService, store: Store) -> list[Route]:
 
     async def rate(request: Request) -> Response:
         job_id = request.path_params["job_id"]
+        raw = await read_body(request, MAX_RATING_BYTES)
+        if raw is None:
+            return _error(413, "too-large", "a rating is {score, comment}: far less than 64 KiB")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
             stars = body["score"]
             comment = str(body.get("comment", ""))
             if isinstance(stars, bool) or not isinstance(stars, int) or not 0 <= stars <= 5:
                 raise ValueError("score must be a whole number of stars from 0 to 5")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             return _error(400, "bad-rating", f"expected {{score: 0-5, comment}}: {exc}")
         row = store.get_receipt(job_id)
         if row is None:
@@ -71,6 +77,8 @@ def reputation_routes(service: ReputationService, store: Store) -> list[Route]:
             verified = await service.rate(receipt=row.receipt, outcome=outcome, score=stars * 20, comment=comment)
         except LocalProtocolError as exc:
             return _error(400, "bad-rating", str(exc))
+        if verified is None:
+            return _error(400, "bad-rating", "this node ran that job for itself: there is nobody to rate")
         record = verified.record
         return JSONResponse({"job_id": job_id, "ratee": record.ratee, "score": record.score,
                              "outcome": record.outcome.value, "comment": record.comment})  # fmt: skip

@@ -12,10 +12,20 @@ from pathlib import Path
 from typing import Any, Final
 
 from protocol.errors import LocalProtocolError
-from protocol.messages import Limits, Resources, file_name_ok
+from protocol.messages import (
+    MAX_ARG_CHARS,
+    MAX_COMMAND_ARGS,
+    MAX_ENV_VARS,
+    MAX_FILES,
+    Limits,
+    Resources,
+    file_name_ok,
+)
 
 DEFAULT_MAX_PRICE: Final = 100_000  # milli-credits (100 credits)
 MAX_INLINE_INPUT_BYTES: Final = 64 << 20
+# A provider stages an input as NAME + ".part": longer names overflow the file system's 255-byte NAME_MAX there.
+MAX_FILE_NAME_BYTES: Final = 250
 
 
 class BadSubmission(ValueError):
@@ -65,6 +75,23 @@ def _int(body: dict[str, Any], key: str, default: int, *, minimum: int = 0, maxi
     return value
 
 
+def _name_ok(name: object) -> bool:
+    return isinstance(name, str) and file_name_ok(name) and len(name.encode()) <= MAX_FILE_NAME_BYTES
+
+
+def _utf8(text: str) -> bool:
+    """JSON escapes can make lone surrogates, which no wire message can carry (msgpack strings are UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _arg_ok(text: str) -> bool:
+    return len(text) <= MAX_ARG_CHARS and "\x00" not in text and _utf8(text)
+
+
 def new_job_id() -> str:
     return "j" + uuid.uuid4().hex[:20]
 
@@ -78,12 +105,21 @@ def parse_submission(body: object) -> SubmitRequest:
     unknown = set(body) - known
     if unknown:
         raise BadSubmission(f"unknown field(s): {', '.join(sorted(unknown))}")
+    # The limits of the JobSpec this becomes (protocol/messages.py): caught here, not when the job is sent.
     command = body.get("command")
-    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):
-        raise BadSubmission("command must be a non-empty list of strings")
+    if not isinstance(command, list) or not 0 < len(command) <= MAX_COMMAND_ARGS:
+        raise BadSubmission(f"command must be a list of 1 to {MAX_COMMAND_ARGS} strings")
+    if not all(isinstance(a, str) and _arg_ok(a) for a in command):
+        raise BadSubmission(f"each argument of command must be a string of at most {MAX_ARG_CHARS} characters, no NUL")
     env = body.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise BadSubmission("env must map strings to strings")
+    if len(env) > MAX_ENV_VARS or not all(0 < len(k) <= 128 and "=" not in k and _arg_ok(k) and _arg_ok(v)
+                                          for k, v in env.items()):  # fmt: skip
+        raise BadSubmission(f"env: at most {MAX_ENV_VARS} variables, names of 1-128 characters without '=' or NUL")
+    gpu_model = body.get("gpu_model", "")
+    if not isinstance(gpu_model, str) or len(gpu_model) > 128 or not _utf8(gpu_model):
+        raise BadSubmission("gpu_model must be a string of at most 128 characters")
     cpus = _int(body, "cpus", 1, minimum=1, maximum=4096)
     memory = _int(body, "memory_bytes", 512 << 20, minimum=1 << 20)
     timeout = _int(body, "timeout", 600, minimum=1, maximum=7 * 86400)
@@ -93,7 +129,7 @@ def parse_submission(body: object) -> SubmitRequest:
             memory_bytes=memory,
             disk_bytes=_int(body, "disk_bytes", 1 << 30, minimum=1 << 20),
             gpus=_int(body, "gpus", 0, maximum=64),
-            gpu_model=str(body.get("gpu_model", ""))[:128],
+            gpu_model=gpu_model,
         )
         limits = Limits(
             cpu_seconds=_int(body, "cpu_seconds", cpus * timeout, minimum=1),
@@ -106,11 +142,11 @@ def parse_submission(body: object) -> SubmitRequest:
         raise BadSubmission(str(exc)) from exc
     inputs = []
     raw_inputs = body.get("inputs", [])
-    if not isinstance(raw_inputs, list):
-        raise BadSubmission("inputs must be a list of {name, path} or {name, data_b64}")
+    if not isinstance(raw_inputs, list) or len(raw_inputs) > MAX_FILES:
+        raise BadSubmission(f"inputs must be a list of at most {MAX_FILES} {{name, path}} or {{name, data_b64}}")
     for item in raw_inputs:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not file_name_ok(item["name"]):
-            raise BadSubmission("each input needs a plain file name (no '/')")
+        if not isinstance(item, dict) or not _name_ok(item.get("name")):
+            raise BadSubmission(f"each input needs a plain file name (no '/', at most {MAX_FILE_NAME_BYTES} bytes)")
         if isinstance(item.get("path"), str):
             path = Path(item["path"])
             if not path.is_absolute() or not path.is_file():
@@ -129,8 +165,8 @@ def parse_submission(body: object) -> SubmitRequest:
     if len({i.name for i in inputs}) != len(inputs):
         raise BadSubmission("input names must be distinct")
     outputs = body.get("outputs", [])
-    if not isinstance(outputs, list) or not all(isinstance(o, str) and file_name_ok(o) for o in outputs):
-        raise BadSubmission("outputs must be a list of plain file names")
+    if not isinstance(outputs, list) or len(outputs) > MAX_FILES or not all(_name_ok(o) for o in outputs):
+        raise BadSubmission(f"outputs must be a list of at most {MAX_FILES} plain file names")
     job_id = body.get("job_id", "")
     if not isinstance(job_id, str) or (job_id and not (job_id.isascii() and job_id.replace("-", "").isalnum())):
         raise BadSubmission("job_id must be letters, digits and '-'")

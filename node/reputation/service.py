@@ -26,9 +26,10 @@ import trio
 from node import net
 from node.market.wire import ChannelClosed, FrameChannel, StreamChannel
 from node.reputation.records import RecordRow, RecordStore
+from node.store import MAX_SQL_INT
 from protocol import codec
 from protocol.cosign import terms_hash
-from protocol.errors import RemoteProtocolError
+from protocol.errors import MalformedMessage, RemoteProtocolError
 from protocol.identity import Identity
 from protocol.messages import Outcome, Receipt, ReputationRecord
 from protocol.reputation import (
@@ -103,9 +104,15 @@ class ReputationService:
 
     # ------------------------------------------------------------------------------------------- producing
 
-    async def rate(self, *, receipt: Receipt, outcome: Outcome, score: int, comment: str = "") -> VerifiedRecord:
-        """Sign, store and publish our record about the other party of ``receipt``."""
+    async def rate(self, *, receipt: Receipt, outcome: Outcome, score: int, comment: str = "") -> VerifiedRecord | None:
+        """Sign, store and publish our record about the other party of ``receipt``.
+
+        Returns None, rating nobody, for a job this node ran for itself: there is no other party (and a record
+        naming us twice would not build; raised from the provider's receipt hook, that ended the node).
+        """
         me = self.identity.peer_id
+        if receipt.client == receipt.provider == me:
+            return None
         ratee = receipt.provider if receipt.client == me else receipt.client
         record = ReputationRecord(
             rater=me,
@@ -131,9 +138,21 @@ class ReputationService:
     def _refuse(self, code: str) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
 
+    def _verify(self, bundle: RecordBundle) -> VerifiedRecord:
+        """:func:`verify_bundle`, and that the record fits the records table.
+
+        Two colluding identities can sign a receipt with any cost up to 2**64 - 1; SQLite integers stop at
+        2**63 - 1, and storing one would raise OverflowError in the gossip consumer or the pull loop (ending the
+        node). Such a record is refused like any other malformed one.
+        """
+        verified = verify_bundle(bundle, now=self.clock_ms())
+        if verified.cost > MAX_SQL_INT:
+            raise MalformedMessage("the receipt's cost is out of range")
+        return verified
+
     def _check(self, data: bytes) -> VerifiedRecord | None:
         try:
-            verified = verify_bundle(codec.decode(data, RecordBundle), now=self.clock_ms())
+            verified = self._verify(codec.decode(data, RecordBundle))
         except RemoteProtocolError as exc:
             self._refuse(exc.code)
             return None
@@ -181,7 +200,9 @@ class ReputationService:
             except (ChannelClosed, trio.TooSlowError):
                 return
             request = codec.decode(data, SyncRequest)
-            bundles, more = self.records.page(since=request.since, after_id=request.after_id, limit=request.limit)
+            # `since` may be up to 2**64 - 1 on the wire; no record is newer than SQLite's largest integer.
+            since = min(request.since, MAX_SQL_INT)
+            bundles, more = self.records.page(since=since, after_id=request.after_id, limit=request.limit)
             await channel.send(codec.encode(SyncResponse(bundles=tuple(bundles), more=more)))
 
     async def pull_from(self, peer: str) -> int:
@@ -198,7 +219,7 @@ class ReputationService:
                     response = codec.decode(await channel.receive(SyncResponse.MAX_BYTES), SyncResponse)
                 for bundle in response.bundles:
                     try:
-                        verified = verify_bundle(bundle, now=self.clock_ms())
+                        verified = self._verify(bundle)
                     except RemoteProtocolError as exc:
                         self._refuse(exc.code)
                         continue
