@@ -32,6 +32,9 @@ TOKEN_BYTES: Final = 32
 MAX_INT_PARAM_CHARS: Final = 20  # int() of a longer digit string is slow, and past 4300 digits a ValueError
 
 log = logging.getLogger(__name__)
+# The client keeps idle connections for node.client.KEEPALIVE_EXPIRY_S; the server must hold them longer (hypercorn's
+# default is 5 s, and a client reusing a connection the server just closed sees "server disconnected").
+KEEPALIVE_S: Final = 75.0
 
 
 class BadQuery(ValueError):
@@ -154,11 +157,14 @@ def build_app(backend: ApiBackend, token: str) -> Starlette:
         Route(f"/{API_VERSION}/find", find),
         *backend.extra_routes(),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(_TokenAuth, token=token)],
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
+    # An API answers the path it was given: "/v1/jobs/" is a 404, not a redirect a script would silently follow.
+    app.router.redirect_slashes = False
+    return app
 
 
 async def serve_api(
@@ -176,6 +182,7 @@ async def serve_api(
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 1.0
+    config.keep_alive_timeout = KEEPALIVE_S
 
     async def run(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await serve(build_app(backend, token), config, shutdown_trigger=shutdown.wait, task_status=task_status)

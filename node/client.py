@@ -35,6 +35,7 @@ from node.config import API_FILE, default_data_dir
 TERMINAL_STATES: Final = frozenset({"completed", "failed", "cancelled"})
 WAIT_POLL_S: Final = 60.0  # one long-poll of /wait (the server caps it at 300 s)
 READ_SLACK_S: Final = 30.0  # read timeout on top of a long-poll's own length
+KEEPALIVE_EXPIRY_S: Final = 30.0  # below the API server's 75 s keep-alive timeout
 DEFAULT_MEMORY: Final = "512MiB"
 DEFAULT_DISK: Final = "1GiB"
 
@@ -304,6 +305,7 @@ class Client:
             timeout=timeout,
             trust_env=False,
             transport=transport,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     @classmethod
@@ -553,6 +555,7 @@ class AsyncClient:
             timeout=timeout,
             trust_env=False,
             transport=transport,
+            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
         )
 
     @classmethod

@@ -199,7 +199,7 @@ def _from_plain(cls: type[M], value: object, where: str, depth: int) -> M:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(value) - set(fields)
     if unknown:
-        raise MalformedMessage(f"{where}: unknown fields {sorted(unknown)} for {cls.__name__}")
+        raise MalformedMessage(f"{where}: unknown fields {sorted(map(repr, unknown))[:8]} for {cls.__name__}")
     kwargs: dict[str, object] = {}
     for name, field in fields.items():
         if name not in value:

@@ -25,7 +25,8 @@ MAX_COMMAND_ARGS: Final = 256
 MAX_ARG_CHARS: Final = 4096
 MAX_ENV_VARS: Final = 64
 MAX_FILES: Final = 256
-MAX_NAME_CHARS: Final = 255
+# A file name's UTF-8 bytes: NAME_MAX (255) less room for the ".part" suffix a transfer writes first.
+MAX_NAME_BYTES: Final = 250
 MAX_ADDRS: Final = 16
 MAX_GPUS: Final = 64
 MAX_ROUNDS_ON_WIRE: Final = 16
@@ -70,9 +71,13 @@ def _signature(value: bytes, name: str) -> None:
 
 
 def file_name_ok(name: str) -> bool:
-    """A job file name: one path component, no traversal, printable."""
+    """A job file name: one path component, no traversal, printable, at most MAX_NAME_BYTES in UTF-8."""
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:  # a lone surrogate: not a name any file system here can store
+        return False
     return (
-        0 < len(name) <= MAX_NAME_CHARS
+        0 < size <= MAX_NAME_BYTES
         and name not in (".", "..")
         and "/" not in name
         and "\x00" not in name

@@ -66,3 +66,14 @@ async def test_requests_with_the_token_are_served(api):
             bad = await http.get("/v1/find", params={"cpus": "-1"})
             assert bad.status_code == 400
             assert "cpus" in bad.json()["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/id/", "/v1/status//", "/v1/find/"])
+async def test_a_trailing_slash_is_a_404_not_a_redirect(api, path):
+    url, _ = api
+    with trio.fail_after(10):
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, trust_env=False) as http:
+            response = await http.get(path)
+            assert response.status_code == 404, (response.status_code, response.headers)
+            assert response.json()["error"]

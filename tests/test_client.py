@@ -436,3 +436,11 @@ def test_progress_draws_a_spinner_only_on_a_terminal():
     assert "negotiating…" in tty.getvalue()
     assert "\r\x1b[K" in tty.getvalue()
     assert pipe.getvalue() == "coop: done\n"
+
+
+def test_the_client_drops_idle_connections_before_the_server_does():
+    """Otherwise a client reusing a connection the server has just closed fails with "server disconnected"."""
+    from node.api import KEEPALIVE_S
+    from node.client import KEEPALIVE_EXPIRY_S
+
+    assert KEEPALIVE_EXPIRY_S < KEEPALIVE_S

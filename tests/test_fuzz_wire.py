@@ -13,8 +13,6 @@ Invariants (docs style.md section 7):
   negotiation (``ClientNegotiation``) and an honest job on fresh channels still complete, with a receipt signed by
   both (the ``world`` fixture checks it at teardown).
 
-Bugs found in files this module's author could not change are pinned by strict xfail tests naming the file.
-
 Signed-message time follows trio's clock (``autojump_clock``), so timeouts and expiry cost no wall time.
 """
 
@@ -48,7 +46,7 @@ from node.store import Store
 from protocol import codec, envelope
 from protocol.cosign import sign_as, terms_hash
 from protocol.envelope import Envelope, domain_of, seal
-from protocol.errors import RemoteProtocolError
+from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.identity import Identity
 from protocol.messages import (
     Accept,
@@ -773,32 +771,28 @@ async def test_a_spec_for_a_used_agreement_is_refused_and_the_slot_freed(world, 
     world.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider.py: an input name of 251-255 bytes overflows NAME_MAX "
-    "with the '.part' suffix (OSError, not a refusal); see the fuzz report",
-)
 async def test_a_long_input_name_is_refused_not_an_internal_error(world, autojump_clock):
+    """NAME_MAX is 255 bytes and the provider stages an input as NAME + ".part": a name may have 250 UTF-8 bytes.
+    A 251-byte name used to reach the file system (OSError, an internal error) instead of being refused."""
+    with pytest.raises(LocalProtocolError):
+        FileRef(name="\u00e9" * 125 + "n", sha256=digest(b"x"), size=1)  # 125 characters, 251 bytes
     agreement = await honest_negotiation(world)
-    name = "n" * 255
+    name = "n" * 250
     spec = job_spec(agreement, inputs=(FileRef(name=name, sha256=digest(b"x"), size=1),))
-    pair = channel_pair()
-    await pair.client.send(sealed(CLIENT, spec))
-    await pair.client.send(codec.encode(Chunk(job_id=spec.job_id, kind=ChunkKind.INPUT, name=name, data=b"x")))
-    await pair.finish_sending()
-    with contextlib.suppress(*ALLOWED):
-        await world.provider.rpc_job(pair.server)
+    payload = codec.encode(spec)
+    longer = payload.replace(b"\xd9\xfa" + name.encode(), b"\xd9\xfb" + name.encode() + b"n")  # str8 of 251
+    assert longer != payload
+    result = await exchange(world.provider.rpc_job, [signed_around(CLIENT, longer, domain_of(JobSpec))])
+    assert refused(result) == "malformed"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="provider.py/store.py: a second agreement for a job id that already has a "
-    "receipt here runs the job, then put_receipt raises DuplicateReceipt; see the fuzz report",
-)
 async def test_a_reused_job_id_does_not_break_the_provider(world, autojump_clock):
     first = await honest_job(world, await honest_negotiation(world, "same-id"))
     await trio.sleep(1)  # else the very same terms are agreed again: that agreement is used already
-    await client_job(world, await honest_negotiation(world, "same-id"))  # refused, or run without a 2nd receipt
+    second, _ = await client_job(world, await honest_negotiation(world, "same-id"))
+    assert isinstance(second, Reject), second
+    assert second.code is RejectCode.BAD_REQUEST
+    assert "already ran here" in second.message
     stored = world.store.get_receipt("same-id")
     assert stored is not None
     assert stored.receipt == first
@@ -1054,11 +1048,6 @@ MIXED_KEYS_RESPONSE = msgpack.packb(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol/codec.py: sorted() of unknown str and bytes keys raises TypeError "
-    "(an internal error on /coop/sync; out of pull_from it ends the node); see the fuzz report",
-)
 async def test_a_map_with_both_str_and_bytes_keys_is_malformed(world, autojump_clock):
     assert refused(await exchange(world.reputation.rpc_sync, [MIXED_KEYS])) == "malformed"
 

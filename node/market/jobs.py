@@ -673,5 +673,7 @@ async def _serve_loopback(handler: Callable[[FrameChannel], Awaitable[None]], ch
         await handler(channel)
     except (RemoteProtocolError, ChannelClosed, trio.TooSlowError) as exc:
         log.debug("loopback %s ended: %r", handler.__name__, exc)
+    except Exception:  # a handler bug ends this stream, as it would a network one, never the node
+        log.exception("loopback %s failed", handler.__name__)
     finally:
         await channel.aclose()

@@ -223,6 +223,11 @@ class ProviderService:
             await self._refuse(channel, spec.job_id, RejectCode.AGREEMENT_USED, "that agreement was already used")
             return
         self._reserved.pop(agreement_hash, None)
+        if self.store.get_receipt(spec.job_id) is not None:
+            # Receipts are keyed by job id: a second job under the same id could never be settled.
+            text = "a job with that id already ran here; submit it under a new id"
+            await self._refuse(channel, spec.job_id, RejectCode.BAD_REQUEST, text)
+            return
         if spec.job_id in self.running:
             await self._refuse(channel, spec.job_id, RejectCode.BUSY, "that job is already running here")
             return

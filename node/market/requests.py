@@ -17,6 +17,7 @@ from protocol.messages import (
     MAX_COMMAND_ARGS,
     MAX_ENV_VARS,
     MAX_FILES,
+    MAX_NAME_BYTES,
     Limits,
     Resources,
     file_name_ok,
@@ -24,8 +25,6 @@ from protocol.messages import (
 
 DEFAULT_MAX_PRICE: Final = 100_000  # milli-credits (100 credits)
 MAX_INLINE_INPUT_BYTES: Final = 64 << 20
-# A provider stages an input as NAME + ".part": longer names overflow the file system's 255-byte NAME_MAX there.
-MAX_FILE_NAME_BYTES: Final = 250
 
 
 class BadSubmission(ValueError):
@@ -76,7 +75,7 @@ def _int(body: dict[str, Any], key: str, default: int, *, minimum: int = 0, maxi
 
 
 def _name_ok(name: object) -> bool:
-    return isinstance(name, str) and file_name_ok(name) and len(name.encode()) <= MAX_FILE_NAME_BYTES
+    return isinstance(name, str) and file_name_ok(name)
 
 
 def _utf8(text: str) -> bool:
@@ -146,7 +145,7 @@ def parse_submission(body: object) -> SubmitRequest:
         raise BadSubmission(f"inputs must be a list of at most {MAX_FILES} {{name, path}} or {{name, data_b64}}")
     for item in raw_inputs:
         if not isinstance(item, dict) or not _name_ok(item.get("name")):
-            raise BadSubmission(f"each input needs a plain file name (no '/', at most {MAX_FILE_NAME_BYTES} bytes)")
+            raise BadSubmission(f"each input needs a plain file name (no '/', at most {MAX_NAME_BYTES} bytes)")
         if isinstance(item.get("path"), str):
             path = Path(item["path"])
             if not path.is_absolute() or not path.is_file():
