@@ -3,6 +3,8 @@
 
 Usage, from the repository root: ``scripts/cluster.py up 3`` (node0..node2 under .coop-cluster/), then ``status``
 or ``down``. The nodes run under this same Python; started by another one, this re-runs itself under .venv's.
+``up N --netns`` puts each node in a network namespace of its own (scripts/netns.py: root or CAP_NET_ADMIN), its
+libp2p address on a bridge (10.77.0.0/16) and its API on a separate bridge reachable from here (10.78.K.0/24).
 
 Theory of operation: node I's data dir is DIR/nodeI/, with a config.toml that listens on port 0 (libp2p and API)
 and refreshes its capacity ad every 5 s (1 s with ``--fast``, as the tests do). Node 0 starts first; the others
@@ -13,6 +15,10 @@ bootstrap from it, all at once. A node has started when its log (DIR/nodeI/log: 
 
 From Python (imports only the standard library; ``client()`` and ``wait_discovery()`` import ``node.client``):
 ``with Cluster.start(3, base=path, clients={2}) as cluster: cluster.client(2).submit(["true"])``.
+
+What a node is (its config.toml, environment and command line, :func:`node_config`, :func:`node_env`,
+:func:`node_argv`) is defined here once: tests/cluster.py (the trio harness of the tests) builds on these, so
+tests, benchmarks and this script start nodes the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+if not __package__:  # run as scripts/cluster.py: make `scripts.` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.netns import Netns, NetnsError, NodeNet, prefix_for
+
 if TYPE_CHECKING:
     from node.client import Client
 
@@ -45,15 +56,61 @@ FAKE_NVML: Final = {"gpus": [{"model": "NVIDIA GeForce RTX 4090", "memory_bytes"
 
 CONFIG: Final = """\
 [network]
-listen = ["/ip4/127.0.0.1/tcp/0"]
+listen = ["/ip4/{host}/tcp/0"]
 bootstrap_retry_max_seconds = 2
 [api]
-listen = "127.0.0.1:0"
+listen = "{api_host}:0"
 [provide]
 ad_refresh_seconds = {refresh}
 ad_ttl_seconds = {ttl}
-clock_skew_seconds = 2
+clock_skew_seconds = {skew}
 """
+
+
+def node_config(
+    *,
+    refresh: float,
+    ttl: float,
+    skew: float = 2,
+    host: str = "127.0.0.1",
+    api_host: str = "127.0.0.1",
+    per_cpu_second: int | None = None,
+    sync_interval: float | None = None,
+) -> str:
+    """A harness node's config.toml: ports 0, fast bootstrap retry, the given ad cadence; optional sections.
+
+    Args:
+        host: the libp2p listen address (a netns node's ``eth0`` address), api_host: the API's.
+        per_cpu_second: ``[pricing] per_cpu_second`` if given; sync_interval: ``[trust] sync_interval_seconds``.
+    """
+    text = CONFIG.format(refresh=refresh, ttl=ttl, skew=skew, host=host, api_host=api_host)
+    if per_cpu_second is not None:
+        text += f"[pricing]\nper_cpu_second = {per_cpu_second}\n"
+    if sync_interval is not None:
+        text += f"[trust]\nsync_interval_seconds = {sync_interval}\n"
+    return text
+
+
+def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without ``COOP_*`` (so no outer setting leaks in), unbuffered, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COOP_")}
+    return env | {"PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def node_argv(
+    data_dir: Path,
+    *,
+    bootstrap: Collection[str] = (),
+    provides: bool = True,
+    extra_args: Collection[str] = (),
+    program: list[str] | None = None,
+    net: NodeNet | None = None,
+) -> list[str]:
+    """The command line of ``node start`` for a harness node (inside ``net``'s namespace when given)."""
+    argv = [*(program or [sys.executable, "-m", "node"]), "start", "--data-dir", str(data_dir)]
+    argv += [arg for address in bootstrap for arg in ("--bootstrap", address)]
+    argv += ([] if provides else ["--no-provide"]) + list(extra_args)
+    return net.wrap(argv) if net else argv
 
 
 class ClusterError(Exception):
@@ -68,6 +125,9 @@ class NodeInfo:
     data_dir: Path
     provides: bool
     fake_gpu: bool = False
+    netns: str = ""  # the namespace it runs in (``--netns``), with its libp2p and API addresses there
+    host: str = "127.0.0.1"
+    api_host: str = "127.0.0.1"
     pid: int = 0
     peer_id: str = ""
     address: str = ""
@@ -85,13 +145,11 @@ class NodeInfo:
     def spawn(self, *, bootstrap: str | None, fast: bool) -> subprocess.Popen[bytes]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         refresh, ttl = (1, 3) if fast else (5, 15)
-        (self.data_dir / "config.toml").write_text(CONFIG.format(refresh=refresh, ttl=ttl))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COOP_")} | {"PYTHONUNBUFFERED": "1"}
-        if self.fake_gpu:
-            env["COOP_FAKE_NVML"] = json.dumps(FAKE_NVML)
-        argv = [sys.executable, "-m", "node", "start", "--data-dir", str(self.data_dir)]
-        argv += ["--bootstrap", bootstrap] if bootstrap else []
-        argv += [] if self.provides else ["--no-provide"]
+        config = node_config(refresh=refresh, ttl=ttl, host=self.host, api_host=self.api_host)
+        (self.data_dir / "config.toml").write_text(config)
+        env = node_env({"COOP_FAKE_NVML": json.dumps(FAKE_NVML)} if self.fake_gpu else {})
+        net = NodeNet(self.netns, self.host, self.api_host) if self.netns else None
+        argv = node_argv(self.data_dir, bootstrap=[bootstrap] if bootstrap else [], provides=self.provides, net=net)
         with (self.data_dir / "log").open("wb") as log:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -117,14 +175,15 @@ class NodeInfo:
 class Cluster:
     """A local cluster: build one with :meth:`start`, or :meth:`load` the one that ``up`` recorded."""
 
-    def __init__(self, base: Path, nodes: list[NodeInfo]) -> None:
+    def __init__(self, base: Path, nodes: list[NodeInfo], netns: Netns | None = None) -> None:
         self.base = base
         self.nodes = nodes
+        self.netns = netns  # the namespaces of a ``--netns`` cluster, removed by stop()
         self._processes: dict[str, subprocess.Popen[bytes]] = {}  # the nodes this process started
 
     @classmethod
     def start(cls, n: int, *, base: Path = DEFAULT_BASE, clients: Collection[int] = (), gpus_fake: int = 0,
-              fast: bool = False, timeout: float = READY_TIMEOUT_S) -> Cluster:  # fmt: skip
+              fast: bool = False, timeout: float = READY_TIMEOUT_S, netns: bool = False) -> Cluster:  # fmt: skip
         """Start ``n`` nodes; return once all are ready. On any failure, or Ctrl-C, stop those started.
 
         Args:
@@ -132,9 +191,11 @@ class Cluster:
             clients: indices of the nodes started with ``--no-provide``.
             gpus_fake: the first ``gpus_fake`` nodes see one fake RTX 4090 (``COOP_FAKE_NVML``).
             fast: refresh ads every 1 s with a ttl of 3 s (the tests' cadence) instead of 5 s and 15 s.
+            netns: each node in a network namespace of its own (scripts/netns.py), named from ``base``'s path.
 
         Raises:
-            ClusterError: a cluster is already up in ``base``; a node exited, or was not ready in time.
+            ClusterError: a cluster is already up in ``base``; a node exited, or was not ready in time; the
+                namespaces could not be built (e.g. without root or CAP_NET_ADMIN).
         """
         base = base.resolve()
         if (base / STATE_FILE).exists() and any(node.alive() for node in cls.load(base).nodes):
@@ -145,6 +206,11 @@ class Cluster:
         ]
         cluster = cls(base, nodes)
         try:
+            if netns:
+                cluster.netns = _create_netns(base, n)
+                for i, node in enumerate(nodes):
+                    net = cluster.netns.node(i)
+                    node.netns, node.host, node.api_host = net.namespace, net.address, net.api_host
             cluster._start(nodes[:1], bootstrap=None, fast=fast, timeout=timeout)
             cluster._start(nodes[1:], bootstrap=nodes[0].address, fast=fast, timeout=timeout)
             cluster.save()
@@ -174,14 +240,19 @@ class Cluster:
         fields = NodeInfo.__dataclass_fields__
         nodes = [NodeInfo(**{k: v for k, v in node.items() if k in fields} | {"data_dir": Path(node["data_dir"])})
                  for node in state["nodes"]]  # fmt: skip
-        return cls(Path(state["base"]), nodes)
+        netns = Netns(**state["netns"]) if state.get("netns") else None
+        return cls(Path(state["base"]), nodes, netns)
 
     def save(self) -> None:
         nodes = [asdict(node) | {"data_dir": str(node.data_dir)} for node in self.nodes]
-        (self.base / STATE_FILE).write_text(json.dumps({"base": str(self.base), "nodes": nodes}, indent=2) + "\n")
+        state = {"base": str(self.base), "nodes": nodes, "netns": asdict(self.netns) if self.netns else None}
+        (self.base / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     def stop(self, *, grace: float = STOP_GRACE_S) -> None:
-        """SIGTERM every node, wait up to ``grace`` s, then SIGKILL the rest. Keeps cluster.json and the data dirs."""
+        """SIGTERM every node, wait up to ``grace`` s, then SIGKILL the rest; then remove the cluster's namespaces.
+
+        Keeps cluster.json and the data dirs.
+        """
         for node in self.nodes:
             if node.alive():
                 with contextlib.suppress(ProcessLookupError):
@@ -200,6 +271,8 @@ class Cluster:
                 os.killpg(node.pid, signal.SIGKILL)  # a session leader: its group holds its job processes
         for process in self._processes.values():
             process.wait()
+        if self.netns is not None:
+            self.netns.destroy()
 
     def __enter__(self) -> Cluster:
         return self
@@ -225,6 +298,13 @@ class Cluster:
         return True
 
 
+def _create_netns(base: Path, n: int) -> Netns:
+    try:
+        return Netns.create(prefix_for(str(base)), n)
+    except NetnsError as exc:
+        raise ClusterError(f"--netns: {exc}") from exc
+
+
 def _shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
 
@@ -235,11 +315,17 @@ def _table(cluster: Cluster) -> None:
         role = ("provider" if node.provides else "client") + (" (fake GPU)" if node.fake_gpu else "")
         state = "alive" if node.alive() else "dead"
         print(f"{node.name:<7}{role:<22}{state:<7}{node.pid:>8}  {node.peer_id:<54}{node.api_url}")
+    if cluster.netns is not None:
+        net = cluster.netns
+        print(f"\nnetns: node I in {net.prefix}-nI (libp2p on 10.77.0.I+1), bridges in {net.prefix}-hub; "
+              f"APIs on 10.78.{net.mgmt_subnet}.0/24 via {net.root_link}")  # fmt: skip
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     clients = set() if args.providers_only or args.n == 1 else {0 if args.first_client else args.n - 1}
-    cluster = Cluster.start(args.n, base=args.base, clients=clients, gpus_fake=args.gpus_fake, fast=args.fast)
+    cluster = Cluster.start(
+        args.n, base=args.base, clients=clients, gpus_fake=args.gpus_fake, fast=args.fast, netns=args.netns
+    )
     user = min(clients, default=args.n - 1)
     if not cluster.wait_discovery(user):
         print(f"warning: node{user} does not see every provider yet; give it a few seconds", file=sys.stderr)
@@ -261,6 +347,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     (cluster := Cluster.load(args.base)).stop()
     print(f"stopped {len(cluster.nodes)} node(s); their data dirs are kept under {_shown(cluster.base)}")
+    if cluster.netns is not None:
+        print(f"removed the network namespaces {cluster.netns.prefix}-*")
     return 0
 
 
@@ -277,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     roles.add_argument("--first-client", action="store_true", help="node 0 is the client instead of the last node")
     up.add_argument("--gpus-fake", type=int, default=0, metavar="K", help="one fake GPU on each of the first K nodes")
     up.add_argument("--fast", action="store_true", help="ads every 1 s, ttl 3 s (as the tests); default 5 s / 15 s")
+    up.add_argument("--netns", action="store_true", help="each node in its own network namespace (needs root)")
     up.set_defaults(handler=cmd_up)
     sub.add_parser("status", help="show each node alive or dead").set_defaults(handler=cmd_status)
-    sub.add_parser("down", help="stop every node (SIGTERM, SIGKILL after 10 s)").set_defaults(handler=cmd_down)
+    sub.add_parser("down", help="stop every node (SIGTERM, SIGKILL after 10 s), remove its namespaces").set_defaults(
+        handler=cmd_down
+    )
     for p in sub.choices.values():
         p.add_argument("--base", type=Path, default=DEFAULT_BASE, metavar="DIR", help="cluster dir (.coop-cluster)")
     args = parser.parse_args(argv)
