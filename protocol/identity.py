@@ -12,6 +12,7 @@ file I/O because the key format belongs with the identity; nothing here touches 
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -33,8 +34,12 @@ _PB_PREFIX: Final = b"\x08\x01\x12\x20"
 # multihash: code 0x00 (identity), length 36.
 _MH_PREFIX: Final = b"\x00\x24"
 KEY_FILE_MODE: Final = 0o600
+# Peer id <-> key conversions are pure base58 in Python, and every message validates its peer ids: memoise the
+# valid ones (a failed conversion raises and is not cached). Bounded: about 3 MiB when full.
+PEER_ID_CACHE_ENTRIES: Final = 1 << 14
 
 
+@functools.lru_cache(maxsize=PEER_ID_CACHE_ENTRIES)
 def peer_id_from_public_key(public_key: bytes) -> str:
     """Return the base58 libp2p peer id of a raw 32-byte Ed25519 public key."""
     if len(public_key) != PUBLIC_KEY_BYTES:
@@ -50,6 +55,11 @@ def public_key_from_peer_id(peer_id: str) -> bytes:
     """
     if not isinstance(peer_id, str) or len(peer_id) > 64:
         raise InvalidKey("peer id must be a short base58 string")
+    return _public_key_from_peer_id(peer_id)
+
+
+@functools.lru_cache(maxsize=PEER_ID_CACHE_ENTRIES)
+def _public_key_from_peer_id(peer_id: str) -> bytes:
     try:
         raw = base58.b58decode(peer_id.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:

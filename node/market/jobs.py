@@ -67,6 +67,7 @@ from protocol.messages import (
 )
 from protocol.negotiation import ClientNegotiation, Completed, Failed, Quoted, Send
 from protocol.pricing import cost_of
+from protocol.verification import REFUSE_BELOW, VERIFY_BELOW, majority, needs_replica
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ DISCOVERY_RETRY_S: Final = 1.0
 BUSY_PATIENCE_S: Final = 600.0  # how long a job queues while every fitting provider is busy
 BUSY_RETRY_MAX_S: Final = 5.0
 WAIT_FOR: Final = frozenset({RejectCode.BUSY})
-VERIFY_BELOW: Final = 0.7  # results of providers trusted less than this are replicated (every new one: 0.5)
-REFUSE_BELOW: Final = 0.35  # not asked at all: a recent bad result caps trust at 0.3 (protocol/trust.py)
 
 
 class AttemptFailed(Exception):
@@ -360,10 +359,10 @@ class JobManager:
         """
         primary = _Run(provider, job_id, outcome)
         trust = self.trust(provider)
-        if self.replicas < 2 or trust >= self.verify_below:
+        decision = needs_replica(trust, verify_below=self.verify_below, replicas=self.replicas)
+        if not decision.replicate:
             await self._rate(job_id, Outcome.SUCCESS, 100)
-            note = "off" if self.replicas < 2 else f"not needed (trust {trust:.2f})"
-            return _with_note(outcome, note, [])
+            return _with_note(outcome, decision.note, [])
         replica = await self._replicate(job_id, req, 1, set(excluded))
         if replica is None:
             await self._rate(job_id, Outcome.SUCCESS, 100)
@@ -377,12 +376,10 @@ class JobManager:
                     "break the tie"
                 )
             runs.append(tie)
-        votes: dict[tuple[Any, ...], list[_Run]] = {}
-        for run in runs:
-            votes.setdefault(run.fingerprint, []).append(run)
-        winners = max(votes.values(), key=len)
-        if len(winners) < 2:
+        agreeing = majority([run.fingerprint for run in runs])
+        if agreeing is None:
             raise ResultDisputed("three providers returned three different results")
+        winners = [runs[i] for i in agreeing]
         for run in runs:
             good = run in winners
             await self._rate(run.wire_id, Outcome.SUCCESS if good else Outcome.BAD_RESULT, 100 if good else 0)
