@@ -317,10 +317,13 @@ class Node:
             if ad_matches(verified.ad, query):
                 found[peer_id] = ad_to_json(verified.ad, expires_at_ms=verified.envelope.expires_at)
 
-    async def find(self, query: FindQuery) -> list[dict[str, Any]]:
-        """Providers whose signed, unexpired ads satisfy ``query`` (hints confirmed by fetching the ad)."""
+    async def find(self, query: FindQuery, *, trace: net.LookupTrace | None = None) -> list[dict[str, Any]]:
+        """Providers whose signed, unexpired ads satisfy ``query`` (hints confirmed by fetching the ad).
+
+        Given a ``trace``, the provider lookup's queries, rounds, hops and time are recorded in it.
+        """
         resource_class = "gpu" if query.gpus or query.gpu_model else "cpu"
-        candidates = await self.host.find_providers(class_key(resource_class), FIND_PROVIDERS_PER_CLASS)
+        candidates = await self.host.find_providers(class_key(resource_class), FIND_PROVIDERS_PER_CLASS, trace=trace)
         logger.debug("find %s: provider hints %s", resource_class, candidates)
         found: dict[str, dict[str, Any]] = {}
         if self._last_ad is not None and ad_matches(self._last_ad, query):
@@ -394,7 +397,12 @@ class Node:
         }
 
     async def api_find(self, query: FindQuery) -> dict[str, Any]:
-        return {"providers": await self.find(query)}
+        """The providers, and how the DHT lookup for their hints went (``net.LookupTrace``: hops, queries, ms)."""
+        trace = net.LookupTrace()
+        t = time.perf_counter()
+        providers = await self.find(query, trace=trace)
+        find_ms = round((time.perf_counter() - t) * 1000, 1)
+        return {"providers": providers, "lookup": trace.as_dict() | {"find_ms": find_ms}}
 
 
 async def _wait_for_signal(cancel_scope: trio.CancelScope, node_say: Callable[[str], None]) -> None:

@@ -5,6 +5,7 @@ Modules:
              and :func:`open_host` (the rules and the workarounds for libp2p's traps are below)
     gossip   GossipSub tuned for 10-100 nodes, validators at the boundary, bounded inboxes
     common   limits, typed errors, counters
+    lookup   :class:`LookupTrace`: a DHT lookup's queries, rounds and hops, which py-libp2p does not expose
 
 Everything the rest of ``node/`` needs is re-exported here: ``from node import net`` then ``net.open_host``.
 
@@ -83,6 +84,7 @@ from node.net.common import (
 )
 from node.net.gossip import _GossipInbox
 from node.net.host import NetHost, NetStream, configure_libp2p_logging, open_host, receive_frame, send_frame
+from node.net.lookup import LookupTrace
 
 __all__ = [
     "FRAME_HEADER",
@@ -93,6 +95,7 @@ __all__ = [
     "FrameTooLarge",
     "InvalidAddress",
     "ListenError",
+    "LookupTrace",
     "NetError",
     "NetHost",
     "NetStatistics",

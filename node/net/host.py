@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict
@@ -62,6 +63,7 @@ from node.net.common import (
 from node.net.gossip import (
     _Gossip,
 )
+from node.net.lookup import LookupTrace, activate, deactivate, elapsed_ms, instrument
 from protocol.errors import InvalidKey, ProtocolError, RemoteProtocolError
 from protocol.identity import Identity, public_key_from_peer_id
 
@@ -476,16 +478,21 @@ class NetHost:
         """
         return await self._dht.provider_store.provide(_check_dht_key(key))
 
-    async def find_providers(self, key: str, count: int) -> list[str]:
+    async def find_providers(self, key: str, count: int, *, trace: LookupTrace | None = None) -> list[str]:
         """Peer ids that announced ``key``, deduplicated, at most ``count``. Hints only: confirm over a stream.
 
-        Their advertised addresses are added to the peerstore so :meth:`open_stream` can dial them.
+        Their advertised addresses are added to the peerstore so :meth:`open_stream` can dial them. Given a
+        ``trace``, the lookup's queries, rounds, hops and times are recorded in it (``node/net/lookup.py``).
 
         Raises:
             ValueError: a malformed key.
         """
         raw_key = _check_dht_key(key)
-        infos = await self._lookup_providers(raw_key)
+        token = activate(trace)
+        try:
+            infos = await self._lookup_providers(raw_key, trace)
+        finally:
+            deactivate(token)
         peerstore = self._host.get_peerstore()
         found: list[str] = []
         for info in infos:
@@ -503,16 +510,19 @@ class NetHost:
                 break
         return found
 
-    async def _lookup_providers(self, raw_key: bytes) -> list[PeerInfo]:
+    async def _lookup_providers(self, raw_key: bytes, trace: LookupTrace | None) -> list[PeerInfo]:
         """Local provider records plus those held by the peers closest to the key.
 
         ``ProviderStore.find_providers`` returns the local records alone whenever there are any, so a node that
         provides a key itself (or heard of one provider) never sees the others. Provider records are stored at
         the k peers closest to the key, so we find those peers and ask each, merging with the local records.
         """
+        started = time.perf_counter()
         store = self._dht.provider_store
         infos: list[PeerInfo] = list(store.get_providers(raw_key))
         closest = await self._dht.peer_routing.find_closest_peers_network(raw_key)
+        if trace is not None:
+            trace.walk_ms = elapsed_ms(started)
 
         async def ask(peer: ID) -> None:
             # The private helper catches (and logs) every error itself and returns ([], []) then.
@@ -524,6 +534,10 @@ class NetHost:
             for peer in closest:
                 if peer != self._host.get_id():
                     nursery.start_soon(ask, peer)
+                    if trace is not None:
+                        trace.provider_queries += 1
+        if trace is not None:
+            trace.providers, trace.total_ms = len(infos), elapsed_ms(started)
         return infos
 
     # Gossip
@@ -655,6 +669,7 @@ async def open_host(
                 raise ListenError(f"could not listen on {missing} (see the libp2p log for why)")
             dht = KadDHT(host, DHTMode.SERVER, strict_validation=True)
             dht.register_validator(COOP_DHT_NAMESPACE, validator)
+            instrument(dht.peer_routing)  # counts a lookup's queries and hops for a LookupTrace
             async with background_trio_service(dht), AsyncExitStack() as stack:
                 if gossip is not None:
                     await stack.enter_async_context(gossip.run())

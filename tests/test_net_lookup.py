@@ -1,0 +1,56 @@
+"""LookupTrace: a provider lookup's queries, rounds and hops, counted in the adapter (py-libp2p keeps them private)."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import AsyncExitStack
+
+import trio
+
+from node.net import LookupTrace, NetHost, open_host
+from protocol.identity import Identity
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def _key(name: str) -> str:
+    return f"/coop/cls/{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+
+async def test_trace_counts_the_hops_of_a_walk_that_starts_from_one_peer() -> None:
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            hosts: list[NetHost] = [
+                await stack.enter_async_context(open_host(seed=Identity.generate().seed(), listen=LOOPBACK))
+                for _ in range(4)
+            ]
+            a, b, c, d = hosts
+            # b - c - d know each other; `a` knows only b (dialled, not bootstrapped: no table refresh), so every
+            # other peer its walk queries was named to it by one it had queried: at least 2 hops, 2 rounds.
+            assert await c.bootstrap(b.addrs()) == 1
+            assert await d.bootstrap(c.addrs()) == 1
+            key = _key("cpu")
+            assert await d.provide(key)
+            await a.connect(b.addrs()[0])
+
+            trace = LookupTrace()
+            assert await a.find_providers(key, 5, trace=trace) == [d.peer_id]
+            assert trace.queried >= 2
+            assert trace.hops >= 2
+            assert 2 <= trace.rounds <= trace.queried
+            assert trace.provider_queries >= 1
+            assert trace.providers >= 1
+            assert 0 < trace.walk_ms <= trace.total_ms
+            figures = trace.as_dict()
+            assert figures["hops"] == trace.hops
+            assert figures["queried"] == trace.queried
+
+            # A lookup without a trace (like the DHT's own refreshes) records nowhere, not in the last one.
+            assert await a.find_providers(key, 5) == [d.peer_id]
+            assert trace.as_dict() == figures
+
+            # A peer whose routing table already holds the provider's neighbourhood needs a single hop.
+            near = LookupTrace()
+            assert await c.find_providers(key, 5, trace=near) == [d.peer_id]
+            assert near.hops == 1
+            assert near.queried >= 1
