@@ -8,7 +8,8 @@ usable hierarchy; the job's first process writes itself into every `cgroup.procs
 * memory limit and peak, OOM kills: v2 `memory.*` when the memory controller is delegated, else v1 memory;
 * process count: v2 or v1 `pids.max`; CPU bandwidth: v2 `cpu.max` or v1 `cpu.cfs_quota_us`;
 * CPU time: v2 `cpu.stat` (present even without the cpu controller), else v1 `cpuacct.usage`;
-* kill: v2 `cgroup.kill`, else v1 freezer (freeze, SIGKILL all, thaw), else SIGKILL in a loop.
+* kill: v2 `cgroup.kill`, else v1 freezer (freeze, SIGKILL all, thaw), else SIGKILL in a loop;
+* suspend (owner policy): v2 `cgroup.freeze`, else the v1 freezer, else the caller stops the job's processes.
 
 All file IO here is small sysfs reads and writes, done inline from the trio loop.
 """
@@ -306,6 +307,24 @@ class JobCgroup:
                 (freezer / "freezer.state").write_text("THAWED")
             return
         self.signal_all(signal.SIGKILL)
+
+    def freeze(self, frozen: bool) -> bool:
+        """Freeze (or thaw) every process of the job: v2 `cgroup.freeze`, else the v1 freezer.
+
+        Returns:
+            False if neither is available or writable here (the caller falls back to SIGSTOP/SIGCONT).
+        """
+        v2 = self._dirs.get("v2")
+        with contextlib.suppress(OSError):
+            if v2 is not None and (v2 / "cgroup.freeze").exists():
+                (v2 / "cgroup.freeze").write_text("1" if frozen else "0")
+                return True
+        freezer = self._dirs.get("freezer")
+        with contextlib.suppress(OSError):
+            if freezer is not None:
+                (freezer / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+                return True
+        return False
 
     async def remove(self) -> None:
         """Kill what is left, wait until the cgroups are empty, remove them."""

@@ -91,6 +91,8 @@ class Executor:
         )
         self._seccomp = build_filter(facts.machine) if self.decision.tier is Tier.BWRAP else b""
         self._running: list[ExecSpec] = []
+        self._jobs: list[RunningJob] = []  # spawned and not yet reaped: what suspend/resume act on
+        self._finished_cpu = 0.0  # CPU seconds of reaped jobs, so `jobs_cpu_seconds` never goes backwards
         self._started = 0
         self._refused = 0
         if self.decision.tier is Tier.UNSANDBOXED:
@@ -98,6 +100,25 @@ class Executor:
 
     def statistics(self) -> ExecutorStatistics:
         return ExecutorStatistics(running=len(self._running), started=self._started, refused=self._refused)
+
+    # Owner control: the owner policy (node/owner.py) suspends jobs while the owner needs the machine.
+
+    def suspend_all(self) -> list[str]:
+        """Suspend every running job; returns how each newly suspended one was frozen ("cgroup"/"sigstop")."""
+        return [m for job in self._jobs if job.suspended_at is None and (m := job.suspend())]
+
+    def resume_all(self) -> int:
+        """Resume every suspended job; returns how many were resumed."""
+        return sum(job.resume() for job in self._jobs)
+
+    def job_counts(self) -> tuple[int, int]:
+        """(running and not suspended, suspended): admitted jobs not yet spawned count as running."""
+        suspended = sum(job.suspended_at is not None for job in self._jobs)
+        return len(self._running) - suspended, suspended
+
+    def jobs_cpu_seconds(self) -> float:
+        """CPU seconds used by every job this executor ran, monotonic (to take our jobs out of the owner's load)."""
+        return self._finished_cpu + sum(job.cpu_seconds() for job in self._jobs)
 
     async def run(
         self, spec: ExecSpec, *, on_output: OnOutput | None = None, cancel_scope: trio.CancelScope | None = None
@@ -187,6 +208,7 @@ class Executor:
             fds.close_child_ends()
         status_r = fds.status_r
         job = RunningJob(spec, tier, proc, cgroup)
+        self._jobs.append(job)
         status_stream = trio.lowlevel.FdStream(status_r)
         try:
             with scope:
@@ -219,6 +241,8 @@ class Executor:
                 if job.t_end is None:
                     job.t_end = trio.current_time()
                 await self._wait_pid1_gone(job)
+                self._jobs.remove(job)
+                self._finished_cpu += job.cpu_seconds()
                 for stream in (status_stream, proc.stdout, proc.stderr):
                     if stream is not None:
                         await stream.aclose()
@@ -285,10 +309,10 @@ class Executor:
 
     async def _watch_limits(self, job: RunningJob) -> None:
         limits = job.spec.limits
-        deadline = job.t0 + limits.wall_seconds
         next_disk = job.t0 + DISK_POLL_SECONDS
         while job.killed_for is None:
             now = trio.current_time()
+            deadline = job.t0 + limits.wall_seconds + job.paused_seconds(now)  # time suspended does not count
             if now >= deadline:
                 await self._timeout(job)
                 return
@@ -361,7 +385,8 @@ class Executor:
                 disk_used=used, disk_limit=spec.limits.disk_bytes,
             )
         )  # fmt: skip
-        wall = (job.t_end or trio.current_time()) - job.t0
+        end = job.t_end or trio.current_time()
+        wall = end - job.t0 - job.paused_seconds(end)
         if job.tier is Tier.UNSANDBOXED:
             detail = f"UNSANDBOXED: {detail}"
         return ExecResult(

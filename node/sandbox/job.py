@@ -36,6 +36,10 @@ class RunningJob:
         self.readers_left = 3
         self.readers_done = trio.Event()
         self.exited = trio.Event()
+        self.suspended_at: float | None = None  # trio time; set while the owner has the job suspended
+        self.suspended_total = 0.0
+        self.suspend_method = ""  # "cgroup" (freezer) or "sigstop"
+        self._stopped: set[int] = set()
 
     def reader_done(self) -> None:
         self.readers_left -= 1
@@ -46,6 +50,8 @@ class RunningJob:
         """SIGKILL the whole job now; remember why (the first reason wins). Never waits."""
         if reason is not None and self.killed_for is None and not self.exited.is_set():
             self.killed_for, self.kill_detail = reason, detail
+        if self.suspended_at is not None:
+            self.resume()  # a stopped launcher could not act on SIGUSR1; SIGKILL follows at once anyway
         if self.cgroup is not None:
             self.cgroup.kill()
         if self.proc.returncode is None:
@@ -54,6 +60,68 @@ class RunningJob:
                     self.proc.kill()  # the PID namespace dies with it
                 else:
                     self.proc.send_signal(signal.SIGUSR1)  # the launcher sweeps, reports, exits
+
+    def paused_seconds(self, now: float) -> float:
+        """Time spent suspended so far: not charged, and not counted against the wall-clock limit."""
+        return self.suspended_total + (now - self.suspended_at if self.suspended_at is not None else 0.0)
+
+    def _tree(self) -> list[int]:
+        root = self.pid1 if self.tier is Tier.BWRAP else self.proc.pid
+        if root is None:
+            return []
+        with contextlib.suppress(psutil.Error):
+            return [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
+        return []
+
+    def suspend(self) -> str:
+        """Freeze the job (cgroup freezer where writable, else SIGSTOP of every process in its tree).
+
+        Returns:
+            How it was done ("cgroup" or "sigstop"), or "" if it is not running (exited or being killed).
+        """
+        if self.suspended_at is not None:
+            return self.suspend_method
+        if self.exited.is_set() or self.killed_for is not None:
+            return ""
+        if self.cgroup is not None and self.cgroup.freeze(True):
+            self.suspend_method = "cgroup"
+        else:
+            # Stop parents before children, and list again until nothing new appears: a process that forked
+            # between listing and stopping has its child caught by the next pass.
+            for _ in range(5):
+                fresh = [pid for pid in self._tree() if pid not in self._stopped]
+                if not fresh:
+                    break
+                for pid in fresh:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGSTOP)
+                    self._stopped.add(pid)
+            self.suspend_method = "sigstop"
+        self.suspended_at = trio.current_time()
+        return self.suspend_method
+
+    def resume(self) -> bool:
+        """Thaw a suspended job. Returns False if it was not suspended."""
+        if self.suspended_at is None:
+            return False
+        if self.suspend_method == "cgroup" and self.cgroup is not None:
+            self.cgroup.freeze(False)
+        else:
+            for pid in [*self._stopped, *self._tree()]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGCONT)
+            self._stopped.clear()
+        self.suspended_total += trio.current_time() - self.suspended_at
+        self.suspended_at = None
+        return True
+
+    def cpu_seconds(self) -> float:
+        """CPU used so far by the job's processes (cgroup, else sampling)."""
+        cpu = self.cgroup.cpu_seconds() if self.cgroup is not None else None
+        if cpu is None:
+            self.sample()
+            cpu = self.sampled_cpu
+        return cpu
 
     def job_pids(self) -> list[int]:
         root = self.pid1 if self.tier is Tier.BWRAP else self.proc.pid
