@@ -73,6 +73,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--api", metavar="HOST:PORT", help="local API address (default 127.0.0.1:7410; port 0 = any)")
     p.add_argument("--no-provide", action="store_true", help="do not offer this machine's capacity or run jobs")
+    p.add_argument("--no-mdns", action="store_true", help="do not look for (or announce to) nodes on the LAN by mDNS")
     p.add_argument(
         "--allow-unsandboxed",
         action="store_true",
@@ -138,6 +139,8 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         config = replace(config, api_host=host, api_port=port)
     if args.no_provide:
         config = replace(config, provide=False)
+    if args.no_mdns:
+        config = replace(config, mdns=False)
     if args.allow_unsandboxed:
         config = replace(config, allow_unsandboxed=True)
     return config

@@ -34,6 +34,7 @@ class NodeConfig:
     data_dir: Path
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     bootstrap: tuple[str, ...] = ()
+    mdns: bool = True
     api_host: str = "127.0.0.1"
     api_port: int = 7410
     provide: bool = True
@@ -65,6 +66,10 @@ bootstrap = []
 bootstrap_retry_max_seconds = 60
 # How often to refresh the Kademlia routing table (seconds).
 routing_refresh_seconds = 300
+# Find other Coop nodes on the local network by mDNS (same as not passing --no-mdns). Off by itself when every
+# listen address is loopback. Announcements are unauthenticated: a found peer is dialled (Noise proves its id)
+# only at a private or link-local address, and at most 32 of them.
+mdns = true
 
 [api]
 # The local HTTP API (and later the dashboard). Keep it on 127.0.0.1: it is protected by the token in api.json.
@@ -191,7 +196,7 @@ def load_config_file(path: Path, base: NodeConfig) -> NodeConfig:
 
 def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
     known = {
-        "network": {"listen", "bootstrap", "bootstrap_retry_max_seconds", "routing_refresh_seconds"},
+        "network": {"listen", "bootstrap", "bootstrap_retry_max_seconds", "routing_refresh_seconds", "mdns"},
         "api": {"listen"},
         "provide": {"enabled", "max_jobs", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
@@ -230,6 +235,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         base,
         listen=tuple(listen),
         bootstrap=tuple(bootstrap),
+        mdns=_get(net, "mdns", bool, "network", base.mdns),
         api_host=api_host,
         api_port=api_port,
         provide=_get(prov, "enabled", bool, "provide", base.provide),

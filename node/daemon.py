@@ -40,6 +40,7 @@ from node.capacity.fake_nvml import nvml_from_env
 from node.capacity.probe import probe
 from node.capacity.summary import MachineCapacity, gpu_model_matches, resource_classes
 from node.config import API_FILE, DB_FILE, NodeConfig
+from node.lan import LanJoiner
 from node.market.jobs import JobManager
 from node.market.provider import ProviderService
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel
@@ -184,6 +185,7 @@ class Node:
         self.out = out
         self.started_at = trio.current_time()
         self.bootstrap = [BootstrapState(a) for a in config.bootstrap]
+        self.lan = LanJoiner(host, say=self.say)  # peers found by mDNS
         self.ad_state = AdState()
         self.capacity: MachineCapacity | None = None
         self._nvml = nvml_from_env(os.environ)
@@ -390,6 +392,7 @@ class Node:
             }
             if self.config.provide
             else None,
+            "mdns": self.lan.status(),
             "bootstrap": [
                 {"address": b.address, "state": b.state, "attempts": b.attempts, "last_error": b.last_error}
                 for b in self.bootstrap
@@ -427,6 +430,7 @@ async def run_node(config: NodeConfig, identity: Identity, *, out: TextIO = sys.
             dht_validate=validate,
             dht_select=select,
             gossip_topics={REPUTATION_TOPIC: reputation.validate_gossip},
+            mdns=config.mdns,
         ) as host:
             reputation.host = host
             await _serve(config, identity, host, store, reputation, out)
@@ -470,6 +474,8 @@ async def _serve(
             node.say(f"local API on {url} (token in {config.data_dir / API_FILE})")
             for state in node.bootstrap:
                 nursery.start_soon(node.keep_bootstrap_peer, state)
+            nursery.start_soon(node.lan.serve)
+            node.say(f"LAN discovery (mDNS): {host.mdns_state}")
             if not config.bootstrap:
                 node.say("no bootstrap peers: running as a one-node network that others can join")
             nursery.start_soon(reputation.consume_gossip)

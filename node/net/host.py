@@ -64,6 +64,7 @@ from node.net.gossip import (
     _Gossip,
 )
 from node.net.lookup import LookupTrace, activate, deactivate, elapsed_ms, instrument
+from node.net.mdns import LanDiscovery, all_loopback, open_mdns
 from protocol.errors import InvalidKey, ProtocolError, RemoteProtocolError
 from protocol.identity import Identity, public_key_from_peer_id
 
@@ -296,6 +297,8 @@ class NetHost:
         self._gossip = gossip
         self._counters = counters
         self.peer_id: str = host.get_id().to_base58()
+        self.lan: LanDiscovery | None = None  # mDNS discovery, when running (open_host's ``mdns``)
+        self.mdns_state = "off"  # "on", "off", or "off: <why>"
 
     # Connections
 
@@ -611,6 +614,7 @@ async def open_host(
     dht_validate: Validate = _reject_all,
     dht_select: Select = _select_first,
     gossip_topics: Mapping[str, TopicValidator] | None = None,
+    mdns: bool = False,
 ) -> AsyncIterator[NetHost]:
     """Run a libp2p host (TCP, Noise only, Yamux) with a server-mode Kademlia DHT, and GossipSub if asked.
 
@@ -624,6 +628,9 @@ async def open_host(
             ``validator(source, data)`` accepts a message by returning true. ``source`` is the signed author's peer
             id. A validator that returns false or raises rejects the message: it is neither delivered nor
             forwarded. Validators run inside libp2p's router: keep them fast and non-blocking.
+        mdns: announce this host on the LAN and listen for other Coop nodes (``node/net/mdns.py``); the
+            candidates arrive on ``NetHost.lan.peers`` and are not dialled here. Skipped when every listen address
+            is loopback (``NetHost.mdns_state`` says so) or when zeroconf cannot open its sockets.
 
     Yields:
         The running host, subscribed to every gossip topic. Leaving the block closes every connection and stops
@@ -674,6 +681,15 @@ async def open_host(
                 if gossip is not None:
                     await stack.enter_async_context(gossip.run())
                 net_host = NetHost(host, dht, validator, gossip, counters)
+                if mdns and all_loopback(list(listen)):
+                    net_host.mdns_state = "off: listening on loopback only"
+                elif mdns:
+                    try:
+                        net_host.lan = await stack.enter_async_context(open_mdns(host))
+                        net_host.mdns_state = "on"
+                    except OSError as exc:
+                        net_host.mdns_state = f"off: {exc}"
+                        logger.warning("mDNS LAN discovery is off: %s", exc)
                 try:
                     yield net_host
                 finally:
