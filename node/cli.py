@@ -23,8 +23,6 @@ Handler = Callable[[argparse.Namespace], int]
 # command -> (help line, issue that builds it); filled below and by _command()
 _PLANNED: Final[dict[str, tuple[str, str]]] = {
     "dashboard": ("print a one-time link to the web dashboard", "the dashboard"),
-    "pause": ("stop taking jobs (owner control)", "owner policy"),
-    "resume": ("take jobs again (owner control)", "owner policy"),
 }
 
 

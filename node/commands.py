@@ -118,6 +118,9 @@ def register(sub: Any) -> None:
 
     sandbox_commands.register(sub)
     reputation_commands.register(sub)
+    from node import owner_commands
+
+    owner_commands.register(sub)
 
 
 def build_config(args: argparse.Namespace) -> NodeConfig:
@@ -245,6 +248,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{format_bytes(cap['disk_free_bytes'])} disk free, load {cap['load_permille'] / 10:.0f}%"
             )
             print(f"gpu        {cap['gpu_status']}")
+        owner = st.get("owner")
+        if owner:
+            jobs = owner["jobs"]
+            print(
+                f"owner      {'sharing' if owner['sharing'] else 'NOT sharing'}: {owner['reason']} "
+                f"(mode {owner['policy']['mode']}; {jobs['running']} jobs running, {jobs['suspended']} suspended)"
+            )
         ad = st["ad"]
         if ad is None:
             print("providing  no (--no-provide)")

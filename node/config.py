@@ -23,6 +23,16 @@ KEY_FILE: Final = "key"
 CONFIG_FILE: Final = "config.toml"
 API_FILE: Final = "api.json"
 DB_FILE: Final = "coop.db"
+# [limits] keys: the fields of node.net.NetLimits (not imported here: that would load libp2p for every command).
+LIMIT_KEYS: Final = {
+    "max_connections": int,
+    "max_streams": int,
+    "connections_per_peer_per_second": float,
+    "connection_burst_per_peer": float,
+    "max_inbound_streams_per_peer": int,
+    "inbound_streams_per_peer_per_second": float,
+    "inbound_stream_burst_per_peer": float,
+}
 
 
 class ConfigError(Exception):
@@ -35,6 +45,7 @@ class NodeConfig:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     bootstrap: tuple[str, ...] = ()
     mdns: bool = True
+    net_limits: tuple[tuple[str, float], ...] = ()  # [limits] overrides of node.net.NetLimits' defaults
     api_host: str = "127.0.0.1"
     api_port: int = 7410
     provide: bool = True
@@ -70,6 +81,19 @@ routing_refresh_seconds = 300
 # listen address is loopback. Announcements are unauthenticated: a found peer is dialled (Noise proves its id)
 # only at a private or link-local address, and at most 32 of them.
 mdns = true
+
+[limits]
+# What one peer, and all peers together, may hold of this node (node/net/limits.py: libp2p's resource manager,
+# and per-peer stream limits). A connection or stream over a limit is refused at once; other peers are served.
+max_connections = 512
+max_streams = 8192
+# New connections from one peer id: a token bucket refilled at this rate, holding up to the burst.
+connections_per_peer_per_second = 2
+connection_burst_per_peer = 20
+# Streams one peer may hold open to us at once, and open per second (token bucket with a burst).
+max_inbound_streams_per_peer = 64
+inbound_streams_per_peer_per_second = 100
+inbound_stream_burst_per_peer = 400
 
 [api]
 # The local HTTP API (and later the dashboard). Keep it on 127.0.0.1: it is protected by the token in api.json.
@@ -201,6 +225,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         "provide": {"enabled", "max_jobs", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
         "trust": {"verify_below", "replicas", "sync_interval_seconds"},
+        "limits": set(LIMIT_KEYS),
     }
     for section, table in raw.items():
         if section not in known or not isinstance(table, dict):
@@ -236,6 +261,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         listen=tuple(listen),
         bootstrap=tuple(bootstrap),
         mdns=_get(net, "mdns", bool, "network", base.mdns),
+        net_limits=_net_limits(raw.get("limits", {}), base.net_limits),
         api_host=api_host,
         api_port=api_port,
         provide=_get(prov, "enabled", bool, "provide", base.provide),
@@ -264,3 +290,11 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         ),
         config_file=path,
     )
+
+def _net_limits(table: dict[str, Any], base: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
+    out = dict(base)
+    for key, kind in LIMIT_KEYS.items():
+        if key in table:
+            value = _get(table, key, int if kind is int else (int, float), "limits", None)
+            out[key] = _positive(value, f"limits.{key}") if kind is float else int(_positive(value, f"limits.{key}"))
+    return tuple(out.items())

@@ -366,6 +366,7 @@ class Node:
             "connected_peers": stats.connected_peers,
             "routing_table_size": stats.routing_table_size,
             "refused_streams": stats.refused,
+            "limits": {"streams_limited": stats.streams_limited, "connections_refused": stats.connections_refused},
             "gossip": {
                 "received": stats.gossip_received,
                 "rejected": stats.gossip_rejected,
@@ -431,6 +432,7 @@ async def run_node(config: NodeConfig, identity: Identity, *, out: TextIO = sys.
             dht_select=select,
             gossip_topics={REPUTATION_TOPIC: reputation.validate_gossip},
             mdns=config.mdns,
+            limits=net.NetLimits(**dict(config.net_limits)),  # type: ignore[arg-type]
         ) as host:
             reputation.host = host
             await _serve(config, identity, host, store, reputation, out)

@@ -121,6 +121,7 @@ _REASON_TEXT: Final = {
     RejectCode.BLOCKED_PEER: "refusing to trade with you",
     RejectCode.TIMEOUT: "not answering",
     RejectCode.QUOTE_EXPIRED: "with an expired quote",
+    RejectCode.PREEMPTED: "preempted by their owner",
 }
 
 

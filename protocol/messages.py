@@ -106,6 +106,7 @@ class RejectCode(enum.StrEnum):
     BAD_RECEIPT = "bad-receipt"
     BAD_RESULT = "bad-result"
     INTERNAL = "internal"
+    PREEMPTED = "preempted"  # the provider's owner took the machine back mid-job: retry elsewhere
 
 
 class Termination(enum.StrEnum):

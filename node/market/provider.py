@@ -111,6 +111,12 @@ class ProviderService:
         self.rejects_sent = 0
         self.agreements = 0
         self.jobs_refused = 0
+        # Owner control (node/owner.py sets these): why not to take jobs now ("" = take them), which GPUs may
+        # be handed out (None: every GPU, from index 0), and the jobs stopped because the owner took the machine.
+        self.owner_refusal: Callable[[], str] = lambda: ""
+        self.offered_gpus: tuple[int, ...] | None = None
+        self.preempted: dict[str, str] = {}
+        self.jobs_preempted = 0
 
     # ------------------------------------------------------------------------------------------- negotiation
 
@@ -129,7 +135,7 @@ class ProviderService:
             memory_bytes=memory,
             disk_bytes=disk,
             gpu_models=models,
-            free_slots=self._free_slots() if self.executor is not None else 0,
+            free_slots=self._free_slots() if self.executor is not None and not self.owner_refusal() else 0,
             blocked=self.blocked,
         )
 
@@ -223,6 +229,10 @@ class ProviderService:
             await self._refuse(channel, spec.job_id, RejectCode.AGREEMENT_USED, "that agreement was already used")
             return
         self._reserved.pop(agreement_hash, None)
+        if self.owner_refusal():
+            text = "this machine's owner has it back; try another provider"
+            await self._refuse(channel, spec.job_id, RejectCode.BUSY, text)
+            return
         if self.store.get_receipt(spec.job_id) is not None:
             # Receipts are keyed by job id: a second job under the same id could never be settled.
             text = "a job with that id already ran here; submit it under a new id"
@@ -288,7 +298,7 @@ class ProviderService:
                 output_bytes=max(1, spec.limits.output_bytes),
                 cpu_cores=float(agreement.resources.cpus),
             ),
-            gpus=tuple(range(spec.gpus)),
+            gpus=self._pick_gpus(spec.gpus),
         )
         result = await self._execute(channel, spec, exec_spec)
         if result is None:
@@ -335,6 +345,13 @@ class ProviderService:
                     nursery.cancel_scope.cancel()
         finally:
             self.running.pop(spec.job_id, None)
+        why = self.preempted.pop(spec.job_id, None)
+        if why is not None and not client_gone:
+            self.jobs_preempted += 1
+            await self._refuse(channel, spec.job_id, RejectCode.PREEMPTED, why)
+            self.store.update_job(spec.job_id, "provider", now_ms=self.clock_ms(), state="cancelled",
+                                  error=f"preempted: {why}")  # fmt: skip
+            return None
         if client_gone:
             self.store.update_job(spec.job_id, "provider", now_ms=self.clock_ms(), state="cancelled",
                                   error="the client went away; the job was killed")  # fmt: skip
@@ -345,6 +362,20 @@ class ProviderService:
             self.store.update_job(spec.job_id, "provider", now_ms=self.clock_ms(), state="failed", error=error)
             return None
         return result
+
+    def preempt_all(self, reason: str) -> int:
+        """Stop every running job and hand it back to its client with a PREEMPTED reject (retryable elsewhere)."""
+        for job_id, scope in self.running.items():
+            self.preempted[job_id] = reason
+            scope.cancel()
+        return len(self.running)
+
+    def _pick_gpus(self, wanted: int) -> tuple[int, ...]:
+        if self.offered_gpus is None or self.executor is None:
+            return tuple(range(wanted))
+        busy = self.executor.gpus_in_use()
+        free = [g for g in self.offered_gpus if g not in busy]
+        return tuple(free[:wanted]) if len(free) >= wanted else tuple(range(wanted))  # admission then says why
 
     async def _deliver(
         self, channel: FrameChannel, spec: JobSpec, agreement: Agreement, exec_spec: ExecSpec, result: ExecResult

@@ -6,6 +6,7 @@ Modules:
     gossip   GossipSub tuned for 10-100 nodes, validators at the boundary, bounded inboxes
     common   limits, typed errors, counters
     lookup   :class:`LookupTrace`: a DHT lookup's queries, rounds and hops, which py-libp2p does not expose
+    limits   :class:`NetLimits`: libp2p's resource manager configured, and the per-peer stream limits it lacks
     mdns     LAN discovery with libp2p's mDNS module: announcements validated, handed over as :class:`LanPeer`
 
 Everything the rest of ``node/`` needs is re-exported here: ``from node import net`` then ``net.open_host``.
@@ -85,6 +86,7 @@ from node.net.common import (
 )
 from node.net.gossip import _GossipInbox
 from node.net.host import NetHost, NetStream, configure_libp2p_logging, open_host, receive_frame, send_frame
+from node.net.limits import NetLimits
 from node.net.lookup import LookupTrace
 from node.net.mdns import LanDiscovery, LanPeer, MdnsStatistics
 
@@ -103,6 +105,7 @@ __all__ = [
     "MdnsStatistics",
     "NetError",
     "NetHost",
+    "NetLimits",
     "NetStatistics",
     "NetStream",
     "StreamClosed",

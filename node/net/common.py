@@ -90,6 +90,8 @@ class NetStatistics:
     gossip_rejected: int  # messages our validator refused (or raised on), ours included
     gossip_dropped: int  # accepted messages dropped, oldest first, because a topic's consumer fell behind
     gossip_published: int
+    streams_limited: int  # inbound streams reset because their peer was over a per-peer stream limit
+    connections_refused: int  # connections libp2p's resource manager refused (limits, rate)
 
 
 @dataclass(slots=True)
@@ -105,3 +107,4 @@ class _Counters:
     gossip_rejected: int = 0
     gossip_dropped: int = 0
     gossip_published: int = 0
+    streams_limited: int = 0

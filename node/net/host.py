@@ -27,6 +27,8 @@ from libp2p.network.exceptions import SwarmException
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.rcmgr.manager import ResourceManager
+from libp2p.rcmgr.metrics import MetricType
 from libp2p.records.validator import Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -63,6 +65,7 @@ from node.net.common import (
 from node.net.gossip import (
     _Gossip,
 )
+from node.net.limits import NetLimits, StreamLimiter, new_resource_manager
 from node.net.lookup import LookupTrace, activate, deactivate, elapsed_ms, instrument
 from node.net.mdns import LanDiscovery, all_loopback, open_mdns
 from protocol.errors import InvalidKey, ProtocolError, RemoteProtocolError
@@ -289,9 +292,19 @@ class NetHost:
     """A running libp2p host with its DHT. Built by :func:`open_host`; valid only inside it."""
 
     def __init__(
-        self, host: IHost, dht: KadDHT, validator: _CoopValidator, gossip: _Gossip | None, counters: _Counters
+        self,
+        host: IHost,
+        dht: KadDHT,
+        validator: _CoopValidator,
+        gossip: _Gossip | None,
+        counters: _Counters,
+        *,
+        limits: NetLimits | None = None,
+        resources: ResourceManager | None = None,
     ) -> None:
         self._host = host
+        self._resources = resources  # libp2p's resource manager, for its refusal count
+        self._stream_limiter = StreamLimiter(limits or NetLimits())
         self._dht = dht
         self._validator = validator
         self._gossip = gossip
@@ -369,6 +382,18 @@ class NetHost:
         """
 
         async def on_stream(raw: INetStream) -> None:
+            peer = raw.muxed_conn.peer_id
+            if not self._stream_limiter.admit(peer):
+                self._counters.streams_limited += 1
+                logger.debug("reset a %s stream from %s: over its per-peer stream limits", protocol_id, peer)
+                await NetStream(raw, protocol_id, self._counters)._reset_shielded()
+                return
+            try:
+                await serve(raw)
+            finally:
+                self._stream_limiter.release(peer)
+
+        async def serve(raw: INetStream) -> None:
             self._counters.streams_accepted += 1
             stream = NetStream(raw, protocol_id, self._counters)
             try:
@@ -602,6 +627,9 @@ class NetHost:
         return NetStatistics(
             connected_peers=len(self._host.get_connected_peers()),
             routing_table_size=self.routing_table_size(),
+            connections_refused=int(self._resources.metrics.get_counter(MetricType.CONNECTION_BLOCKS))
+            if self._resources is not None and self._resources.metrics is not None
+            else 0,
             **asdict(self._counters),
         )
 
@@ -615,6 +643,7 @@ async def open_host(
     dht_select: Select = _select_first,
     gossip_topics: Mapping[str, TopicValidator] | None = None,
     mdns: bool = False,
+    limits: NetLimits | None = None,
 ) -> AsyncIterator[NetHost]:
     """Run a libp2p host (TCP, Noise only, Yamux) with a server-mode Kademlia DHT, and GossipSub if asked.
 
@@ -631,6 +660,7 @@ async def open_host(
         mdns: announce this host on the LAN and listen for other Coop nodes (``node/net/mdns.py``); the
             candidates arrive on ``NetHost.lan.peers`` and are not dialled here. Skipped when every listen address
             is loopback (``NetHost.mdns_state`` says so) or when zeroconf cannot open its sockets.
+        limits: connection and stream limits (:class:`NetLimits`; its defaults if None).
 
     Yields:
         The running host, subscribed to every gossip topic. Leaving the block closes every connection and stops
@@ -649,6 +679,8 @@ async def open_host(
         raise InvalidAddress(f"bad listen address in {list(listen)!r}: {exc}") from exc
     key_pair = create_new_key_pair(seed)
     muxers: TMuxerOptions = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
+    limits = limits or NetLimits()
+    resources = new_resource_manager(limits)  # node/net/limits.py
     host = new_host(
         key_pair=key_pair,
         # Explicitly Noise only: the default also offers plaintext, secio and TLS (trap 1).
@@ -657,6 +689,7 @@ async def open_host(
         # One connection per peer, else every dial waits out the 250 ms happy-eyeballs delay (trap 2).
         connection_config=ConnectionConfig(max_connections_per_peer=1),
         listen_addrs=listen_addrs,
+        resource_manager=resources,
     )
     if host.get_id().to_base58() != expected_peer_id:  # pragma: no cover - guards a libp2p key-format change
         raise RuntimeError("libp2p derived a different peer id from the seed")
@@ -680,7 +713,7 @@ async def open_host(
             async with background_trio_service(dht), AsyncExitStack() as stack:
                 if gossip is not None:
                     await stack.enter_async_context(gossip.run())
-                net_host = NetHost(host, dht, validator, gossip, counters)
+                net_host = NetHost(host, dht, validator, gossip, counters, limits=limits, resources=resources)
                 if mdns and all_loopback(list(listen)):
                     net_host.mdns_state = "off: listening on loopback only"
                 elif mdns:

@@ -116,6 +116,9 @@ class Executor:
         suspended = sum(job.suspended_at is not None for job in self._jobs)
         return len(self._running) - suspended, suspended
 
+    def gpus_in_use(self) -> set[int]:
+        return {g for spec in self._running for g in spec.gpus}
+
     def jobs_cpu_seconds(self) -> float:
         """CPU seconds used by every job this executor ran, monotonic (to take our jobs out of the owner's load)."""
         return self._finished_cpu + sum(job.cpu_seconds() for job in self._jobs)
