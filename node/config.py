@@ -16,6 +16,7 @@ from typing import Any, Final
 from protocol.errors import LocalProtocolError
 from protocol.identity import Identity, load_or_create_identity
 from protocol.messages import PriceSheet
+from protocol.owner import OwnerPolicy
 
 DEFAULT_LISTEN: Final = "/ip4/0.0.0.0/tcp/4001"
 DEFAULT_API: Final = "127.0.0.1:7410"
@@ -60,6 +61,8 @@ class NodeConfig:
     verify_below: float = 0.7
     replicas: int = 2
     sync_interval_seconds: float = 30.0
+    owner: OwnerPolicy = field(default_factory=OwnerPolicy)  # [owner]; max_jobs comes from [provide]
+    owner_check_seconds: float = 5.0
     config_file: Path | None = None
 
 
@@ -126,6 +129,34 @@ start_fee = 0
 per_cpu_second = 10
 per_gib_second = 2
 per_gpu_second = 0
+
+[owner]
+# When and how much of this machine is shared (docs/owner.md). Change it live with `node policy`,
+# `node pause [--drain]` and `node resume`; those last until the node restarts.
+# mode: "always", "idle-only" (only while your own CPU use, not counting Coop jobs, stays below
+# idle_cpu_percent for idle_seconds; stops once it stays above for reclaim_seconds), or "schedule" (only
+# inside `windows`, local time, e.g. ["mon-fri 18:00-08:00", "sat,sun 00:00-24:00"]).
+mode = "always"
+idle_cpu_percent = 25
+idle_seconds = 120
+reclaim_seconds = 5
+windows = []
+# When you need the machine back: "suspend" running jobs (frozen; resumed when sharing again, handed back
+# to their clients after max_suspend_seconds) or "preempt" them (stopped now; their clients retry elsewhere).
+on_reclaim = "suspend"
+max_suspend_seconds = 600
+# Caps on what is offered (0 = the whole machine): CPU cores, memory and work-dir disk (e.g. "8GiB"), and which
+# GPUs by index ("all" or a list such as [0, 1]). Jobs at once is [provide] max_jobs.
+cpus = 0
+memory = 0
+disk = 0
+gpus = "all"
+# A GPU you are using (utilisation above gpu_busy_percent, or memory above gpu_busy_memory, by anything but
+# Coop jobs) is not offered.
+gpu_busy_percent = 10
+gpu_busy_memory = "512MiB"
+# How often to measure and apply the policy (seconds).
+check_seconds = 5
 """
 
 
@@ -198,6 +229,34 @@ def _fraction(value: float, where: str) -> float:
     return float(value)
 
 
+OWNER_KEYS: Final = frozenset({
+    "mode", "cpus", "memory", "disk", "gpus", "windows", "idle_cpu_percent", "idle_seconds", "reclaim_seconds",
+    "on_reclaim", "max_suspend_seconds", "gpu_busy_percent", "gpu_busy_memory", "check_seconds",
+})  # fmt: skip
+
+
+def _owner(table: dict[str, Any], base: NodeConfig, path: Path, *, max_jobs: int) -> OwnerPolicy:
+    from node.client import parse_size
+    from protocol.owner import OwnerPolicyError, policy_with
+
+    sizes = {"memory": "memory_bytes", "disk": "disk_bytes", "gpu_busy_memory": "gpu_busy_memory_bytes"}
+    changes: dict[str, object] = {"max_jobs": max_jobs}
+    for key, value in table.items():
+        if key in sizes:
+            try:
+                changes[sizes[key]] = parse_size(value) if isinstance(value, str) else value
+            except ValueError as exc:
+                raise ConfigError(f"{path}: owner.{key}: {exc}") from None
+        elif key == "gpus":
+            changes["gpus"] = None if value == "all" else value
+        elif key != "check_seconds":
+            changes[key] = value
+    try:
+        return policy_with(base.owner, changes)
+    except OwnerPolicyError as exc:
+        raise ConfigError(f"{path}: [owner] {exc}") from None
+
+
 def load_config_file(path: Path, base: NodeConfig) -> NodeConfig:
     """Read ``path`` over ``base``.
 
@@ -225,6 +284,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         "provide": {"enabled", "max_jobs", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
         "trust": {"verify_below", "replicas", "sync_interval_seconds"},
+        "owner": OWNER_KEYS,
         "limits": set(LIMIT_KEYS),
     }
     for section, table in raw.items():
@@ -288,8 +348,16 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
             _get(trust, "sync_interval_seconds", number, "trust", base.sync_interval_seconds),
             "trust.sync_interval_seconds",
         ),
+        owner=_owner(
+            raw.get("owner", {}), base, path, max_jobs=max(1, _get(prov, "max_jobs", int, "provide", base.max_jobs))
+        ),
+        owner_check_seconds=_positive(
+            _get(raw.get("owner", {}), "check_seconds", number, "owner", base.owner_check_seconds),
+            "owner.check_seconds",
+        ),
         config_file=path,
     )
+
 
 def _net_limits(table: dict[str, Any], base: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:
     out = dict(base)

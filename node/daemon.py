@@ -44,6 +44,7 @@ from node.lan import LanJoiner
 from node.market.jobs import JobManager
 from node.market.provider import ProviderService
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel
+from node.owner import OwnerService, load_source
 from node.reputation.records import RecordStore
 from node.reputation.service import ReputationService
 from node.sandbox.doctor import collect_facts
@@ -195,9 +196,14 @@ class Node:
         self.jobs: JobManager | None = None
         self.store: Store | None = None
         self.reputation: ReputationService | None = None
+        self.owner: OwnerService | None = None  # the owner policy (providers only)
 
     def extra_routes(self) -> list[Any]:
         routes: list[Any] = []
+        if self.owner is not None:
+            from node.api_owner import owner_routes
+
+            routes += owner_routes(self.owner)
         if self.reputation is not None and self.store is not None:
             routes += reputation_routes(self.reputation, self.store)  # before /v1/jobs/{id}: more specific
         if self.jobs is not None and self.store is not None:
@@ -225,6 +231,8 @@ class Node:
 
     def capacity_tuple(self) -> tuple[int, int, int, tuple[str, ...]]:
         cap = self.capacity or self.probe_capacity()
+        if self.owner is not None:
+            cap = self.owner.shape(cap)  # admission follows the owner's caps, never the raw machine
         return cap.cpus, cap.memory_bytes, cap.disk_free_bytes, tuple(g.model for g in cap.gpus)
 
     def say(self, text: str) -> None:
@@ -271,6 +279,8 @@ class Node:
 
     async def publish_ad(self) -> None:
         cap = self.probe_capacity()
+        if self.owner is not None:
+            cap = self.owner.shape(cap)  # the ad follows the owner's caps and mode, never the raw machine
         now = self.clock_ms()
         seq = max(now, self.ad_state.seq + 1)  # survives restarts: newer ads always have a higher seq
         ad = ad_from_capacity(
@@ -279,11 +289,19 @@ class Node:
         ttl_ms = int(self.config.ad_ttl_seconds * 1000)
         envelope = seal(self.identity, ad, now=now, ttl_ms=ttl_ms, nonce=secrets.token_bytes(16))
         await self.host.dht_put(cap_key(self.identity.peer_id), codec.encode(envelope))
-        classes = resource_classes(cap)
+        classes = resource_classes(cap) if cap.cpus else []  # nothing offered: no hints either
         for resource_class in classes:
             await self.host.provide(class_key(resource_class))
         self._last_ad = ad
         self.ad_state = AdState(seq=seq, published_at_ms=now, expires_at_ms=now + ttl_ms, classes=classes)
+
+    async def republish(self) -> None:
+        """Publish the ad now (the owner policy changed what is offered); a failure waits for the next refresh."""
+        try:
+            await self.publish_ad()
+        except (ValueError, RemoteProtocolError, net.NetError) as exc:
+            self.ad_state.last_error = str(exc)
+            self.say(f"could not publish the capacity ad (will retry): {exc}")
 
     async def advertise_forever(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
@@ -363,6 +381,7 @@ class Node:
             "addrs": self.addrs(),
             "uptime_s": round(trio.current_time() - self.started_at, 1),
             "provide": self.config.provide,
+            "owner": self.owner.api_state() if self.owner is not None else None,
             "connected_peers": stats.connected_peers,
             "routing_table_size": stats.routing_table_size,
             "refused_streams": stats.refused,
@@ -450,6 +469,13 @@ async def _serve(
     node.reputation = reputation
     messenger = Messenger(identity, wall_clock_ms, max_skew_ms=int(config.clock_skew_seconds * 1000))
     provider = await _make_provider(node, config, identity, messenger, store)
+    if provider is not None:
+        executor = provider.executor
+        jobs_cpu = executor.jobs_cpu_seconds if executor is not None else lambda: 0.0
+        load = load_source(os.environ, jobs_cpu)
+        node.owner = OwnerService(policy=config.owner, probe=node.probe_capacity, load=load, executor=executor,
+                                  provider=provider, publish=node.republish, clock_ms=wall_clock_ms,
+                                  check_seconds=config.owner_check_seconds, say=node.say)  # fmt: skip
     jobs_dir = config.data_dir / "jobs"
     jobs_dir.mkdir(exist_ok=True)
     node.jobs = JobManager(identity=identity, messenger=messenger, store=store, host=host,
@@ -484,6 +510,8 @@ async def _serve(
             nursery.start_soon(reputation.sync_forever)
             await nursery.start(node.jobs.serve)
             if provider is not None:
+                assert node.owner is not None
+                await nursery.start(node.owner.serve)  # decides before the first ad
                 await nursery.start(node.advertise_forever)
                 assert node.capacity is not None
                 node.say(f"offering {describe_capacity(node.capacity)}, jobs sandboxed with {node.sandbox_tier}")
