@@ -266,6 +266,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         for b in st["bootstrap"]:
             err = f" ({b['last_error']})" if b["last_error"] else ""
             print(f"bootstrap  {b['address']}: {b['state']} after {b['attempts']} attempt(s){err}")
+        if "mdns" in st:
+            lan = st["mdns"]
+            joined = sum(p["state"] == "joined" for p in lan["peers"])
+            print(f"mdns       {lan['state']}: {joined} LAN peer(s) joined, {lan['announcements']} announcement(s)")
+        if "limits" in st:
+            lim = st["limits"]
+            reset, refused = lim["streams_limited"], lim["connections_refused"]
+            print(f"limits     {reset} streams reset, {refused} connections refused")
         return 0
 
     return _run_client(args, show)
