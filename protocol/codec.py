@@ -122,7 +122,13 @@ def unpack_strict(data: bytes, *, max_bytes: int) -> object:
 def to_plain(obj: object) -> object:
     """Turn a message dataclass (and what it holds) into plain data for :func:`pack_canonical`."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # A field marked ``omit_default`` (added after a message's first version) is left out while it holds
+        # its default: such a message encodes exactly as it did before the field existed.
+        return {
+            f.name: to_plain(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)
+        }
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, tuple | list):
@@ -207,6 +213,9 @@ def _from_plain(cls: type[M], value: object, where: str, depth: int) -> M:
                 raise MalformedMessage(f"{where}: missing field {name!r} of {cls.__name__}")
             continue
         kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}", depth)
+        if field.metadata.get("omit_default") and kwargs[name] == field.default:
+            # Only one encoding per message: an omittable field at its default is left out, never written.
+            raise MalformedMessage(f"{where}: field {name!r} at its default must be omitted")
     try:
         return cls(**kwargs)
     except LocalProtocolError as exc:

@@ -17,7 +17,7 @@ from collections import Counter as Tally
 from dataclasses import dataclass, field
 from typing import Final, final
 
-from protocol.messages import Counter, PriceSheet, Quote, QuoteRequest, RejectCode
+from protocol.messages import Counter, PriceSheet, Quote, QuoteRequest, RejectCode, Resources, Runtime
 from protocol.pricing import Decline, midpoint, sheet_at_least, worst_case_cost
 
 SURGE_PERMILLE: Final = 1000  # at full load prices are double the floor
@@ -55,6 +55,7 @@ class MarketPolicy:
     free_slots: int = 1
     blocked: frozenset[str] = field(default_factory=frozenset)
     surge_permille: int = SURGE_PERMILLE
+    runtimes: tuple[Runtime, ...] = ()
 
     @property
     def list_price(self) -> PriceSheet:
@@ -70,6 +71,9 @@ class MarketPolicy:
         models = [m for m in self.gpu_models if res.gpu_model.lower() in m.lower()]
         if res.gpus > len(models):
             return Decline(RejectCode.INSUFFICIENT_RESOURCES, f"the job needs {res.gpus} matching GPU(s)")
+        missing = runtime_mismatch(self.runtimes, res)
+        if missing:
+            return Decline(RejectCode.NO_RUNTIME, missing)
         if self.free_slots <= 0:
             return Decline(RejectCode.BUSY, "all job slots are in use")
         return None
@@ -90,6 +94,21 @@ class MarketPolicy:
         if not sheet_at_least(middle, self.floor) or middle == last.price_sheet:
             return Decline(RejectCode.BELOW_FLOOR, "the counter-offer is below this provider's floor")
         return middle
+
+
+def runtime_mismatch(runtimes: tuple[Runtime, ...], resources: Resources) -> str:
+    """Why ``runtimes`` (a provider's) cannot serve a job needing ``resources``; empty when they can.
+
+    A job that names no runtime needs none. A pinned lock hash must match exactly.
+    """
+    if not resources.runtime:
+        return ""
+    found = next((r for r in runtimes if r.name == resources.runtime), None)
+    if found is None:
+        return f"this provider has no runtime {resources.runtime!r}"
+    if resources.runtime_sha256 and resources.runtime_sha256 != found.lock_sha256:
+        return f"this provider's runtime {resources.runtime!r} has a different lock hash"
+    return ""
 
 
 @final
@@ -122,6 +141,7 @@ _REASON_TEXT: Final = {
     RejectCode.TIMEOUT: "not answering",
     RejectCode.QUOTE_EXPIRED: "with an expired quote",
     RejectCode.PREEMPTED: "preempted by their owner",
+    RejectCode.NO_RUNTIME: "without the runtime",
 }
 
 

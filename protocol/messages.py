@@ -32,6 +32,12 @@ MAX_GPUS: Final = 64
 MAX_ROUNDS_ON_WIRE: Final = 16
 MAX_U64: Final = (1 << 64) - 1
 DIGEST_BYTES: Final = 32
+MAX_RUNTIMES: Final = 16
+MAX_RUNTIME_NAME_CHARS: Final = 32
+MAX_INTERPRETER_CHARS: Final = 64
+# Fields added after version 1 of a message: left out of the encoding while they hold their default, so a message
+# that does not use them is byte-for-byte what an older node sends and accepts (see protocol.codec.to_plain).
+OMIT_DEFAULT: Final = {"omit_default": True}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -85,6 +91,15 @@ def file_name_ok(name: str) -> bool:
     )
 
 
+def runtime_name_ok(name: str) -> bool:
+    """A runtime name: 1-32 of lowercase ASCII letters, digits, '.', '_' or '-', starting with a letter."""
+    return (
+        0 < len(name) <= MAX_RUNTIME_NAME_CHARS
+        and "a" <= name[0] <= "z"
+        and all("a" <= c <= "z" or "0" <= c <= "9" or c in "._-" for c in name)
+    )
+
+
 class RejectCode(enum.StrEnum):
     """Why a negotiation (or a job) was refused. Sent to peers: no local detail."""
 
@@ -107,6 +122,7 @@ class RejectCode(enum.StrEnum):
     BAD_RESULT = "bad-result"
     INTERNAL = "internal"
     PREEMPTED = "preempted"  # the provider's owner took the machine back mid-job: retry elsewhere
+    NO_RUNTIME = "no-runtime"
 
 
 class Termination(enum.StrEnum):
@@ -163,14 +179,39 @@ class GpuSpec:
 
 @final
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Runtime:
+    """A software environment a provider offers (a venv or a root filesystem tree, bound read-only into jobs).
+
+    ``interpreter`` names its Python, e.g. ``cpython-3.11.7``; ``lock_sha256`` is the sha256 of its lock (the
+    ``pip freeze`` of the venv), empty when unknown. Jobs name a runtime and may pin its lock hash.
+    """
+
+    name: str
+    interpreter: str = ""
+    lock_sha256: bytes = b""
+
+    def __post_init__(self) -> None:
+        _require(runtime_name_ok(self.name), f"bad runtime name {self.name[:40]!r}")
+        _text(self.interpreter, "interpreter", maximum=MAX_INTERPRETER_CHARS)
+        _require(self.lock_sha256 == b"" or len(self.lock_sha256) == DIGEST_BYTES, "lock_sha256: 0 or 32 bytes")
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Resources:
-    """What a job asks for. ``gpu_model`` is a case-insensitive substring filter; empty means any."""
+    """What a job asks for. ``gpu_model`` is a case-insensitive substring filter; empty means any.
+
+    ``runtime`` names the provider runtime the job runs in (empty: plain commands on the provider's system);
+    ``runtime_sha256``, when set, pins that runtime's lock hash.
+    """
 
     cpus: int = 1
     memory_bytes: int = 256 << 20
     disk_bytes: int = 1 << 30
     gpus: int = 0
     gpu_model: str = ""
+    runtime: str = field(default="", metadata=OMIT_DEFAULT)
+    runtime_sha256: bytes = field(default=b"", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         _require(1 <= self.cpus <= 4096, "cpus must be in [1, 4096]")
@@ -178,6 +219,9 @@ class Resources:
         _uint(self.disk_bytes, "disk_bytes")
         _uint(self.gpus, "gpus", maximum=MAX_GPUS)
         _text(self.gpu_model, "gpu_model", maximum=128)
+        _require(self.runtime == "" or runtime_name_ok(self.runtime), f"bad runtime name {self.runtime[:40]!r}")
+        _require(self.runtime_sha256 == b"" or len(self.runtime_sha256) == DIGEST_BYTES, "runtime_sha256: 32 bytes")
+        _require(bool(self.runtime) or not self.runtime_sha256, "runtime_sha256 needs a runtime")
 
 
 @final
@@ -248,7 +292,7 @@ class CapacityAd:
     disk_bytes: int
     gpus: tuple[GpuSpec, ...] = ()
     sandbox_tier: str = "none"
-    runtimes: tuple[str, ...] = ("native",)
+    runtimes: tuple[Runtime, ...] = ()
     price_sheet: PriceSheet = field(default_factory=PriceSheet)
     load_permille: int = 0
     addrs: tuple[str, ...] = ()
@@ -261,7 +305,8 @@ class CapacityAd:
         _uint(self.disk_bytes, "disk_bytes")
         _require(len(self.gpus) <= MAX_GPUS, "too many GPUs")
         _text(self.sandbox_tier, "sandbox_tier", maximum=32)
-        _require(len(self.runtimes) <= 16 and all(0 < len(r) <= 32 for r in self.runtimes), "bad runtimes")
+        _require(len(self.runtimes) <= MAX_RUNTIMES, f"at most {MAX_RUNTIMES} runtimes")
+        _require(len({r.name for r in self.runtimes}) == len(self.runtimes), "duplicate runtime names")
         _uint(self.load_permille, "load_permille", maximum=100_000)
         _require(len(self.addrs) <= MAX_ADDRS and all(0 < len(a) <= 256 for a in self.addrs), "bad addrs")
 

@@ -16,7 +16,7 @@ from protocol.errors import (
     UnknownVersion,
 )
 from protocol.framing import FrameBuffer, frame
-from protocol.messages import CapacityAd, GpuSpec, JobSpec, Quote, QuoteRequest
+from protocol.messages import CapacityAd, GpuSpec, JobSpec, Quote, QuoteRequest, Runtime
 from tests.factories import all_messages, capacity_ad, quote_request
 
 
@@ -79,7 +79,10 @@ def test_oversized_frames():
 def test_encoding_over_the_cap_is_our_error():
     ad = capacity_ad()
     big = dataclasses.replace(ad, addrs=tuple("/ip4/127.0.0.1/tcp/" + "1" * 230 for _ in range(16)))
-    big = dataclasses.replace(big, runtimes=tuple("r" * 32 for _ in range(16)))
+    runtimes = tuple(
+        Runtime(name=f"r{i}" + "r" * 29, interpreter="i" * 64, lock_sha256=b"\x01" * 32) for i in range(16)
+    )
+    big = dataclasses.replace(big, runtimes=runtimes)
     big = dataclasses.replace(big, gpus=(GpuSpec(model="G" * 128, memory_bytes=1),) * 60)
     with pytest.raises(LocalProtocolError):
         codec.encode(big)

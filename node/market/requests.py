@@ -21,6 +21,7 @@ from protocol.messages import (
     Limits,
     Resources,
     file_name_ok,
+    runtime_name_ok,
 )
 
 DEFAULT_MAX_PRICE: Final = 100_000  # milli-credits (100 credits)
@@ -58,6 +59,8 @@ class SubmitRequest:
             "disk_bytes": self.resources.disk_bytes,
             "gpus": self.resources.gpus,
             "gpu_model": self.resources.gpu_model,
+            "runtime": self.resources.runtime,
+            "runtime_sha256": self.resources.runtime_sha256.hex(),
             "timeout": self.limits.wall_seconds,
             "cpu_seconds": self.limits.cpu_seconds,
             "output_bytes": self.limits.output_bytes,
@@ -91,6 +94,10 @@ def _arg_ok(text: str) -> bool:
     return len(text) <= MAX_ARG_CHARS and "\x00" not in text and _utf8(text)
 
 
+def _hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def new_job_id() -> str:
     return "j" + uuid.uuid4().hex[:20]
 
@@ -100,7 +107,7 @@ def parse_submission(body: object) -> SubmitRequest:
     if not isinstance(body, dict):
         raise BadSubmission("the body must be a JSON object")
     known = {"command", "env", "cpus", "memory_bytes", "disk_bytes", "gpus", "gpu_model", "timeout", "cpu_seconds",
-             "output_bytes", "max_price", "inputs", "outputs", "job_id"}  # fmt: skip
+             "output_bytes", "max_price", "inputs", "outputs", "job_id", "runtime", "runtime_sha256"}  # fmt: skip
     unknown = set(body) - known
     if unknown:
         raise BadSubmission(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -119,6 +126,12 @@ def parse_submission(body: object) -> SubmitRequest:
     gpu_model = body.get("gpu_model", "")
     if not isinstance(gpu_model, str) or len(gpu_model) > 128 or not _utf8(gpu_model):
         raise BadSubmission("gpu_model must be a string of at most 128 characters")
+    runtime = body.get("runtime", "")
+    if not isinstance(runtime, str) or (runtime and not runtime_name_ok(runtime)):
+        raise BadSubmission("runtime must be a runtime name: 1-32 of a-z, 0-9, '.', '_', '-', starting with a-z")
+    pin = body.get("runtime_sha256", "")
+    if not isinstance(pin, str) or (pin and (len(pin) != 64 or not _hex(pin))) or (pin and not runtime):
+        raise BadSubmission("runtime_sha256 must be 64 hex digits (a lock hash), given with a runtime")
     cpus = _int(body, "cpus", 1, minimum=1, maximum=4096)
     memory = _int(body, "memory_bytes", 512 << 20, minimum=1 << 20)
     timeout = _int(body, "timeout", 600, minimum=1, maximum=7 * 86400)
@@ -129,6 +142,8 @@ def parse_submission(body: object) -> SubmitRequest:
             disk_bytes=_int(body, "disk_bytes", 1 << 30, minimum=1 << 20),
             gpus=_int(body, "gpus", 0, maximum=64),
             gpu_model=gpu_model,
+            runtime=runtime,
+            runtime_sha256=bytes.fromhex(pin),
         )
         limits = Limits(
             cpu_seconds=_int(body, "cpu_seconds", cpus * timeout, minimum=1),

@@ -135,6 +135,8 @@ def bwrap_argv(
     if bwrap_version is not None and bwrap_version >= BWRAP_SIZE_OPTION:
         args += ["--size", str(spec.limits.disk_bytes)]
     args += ["--tmpfs", "/tmp", "--bind", str(spec.work_dir), SANDBOX_WORK_DIR, "--chdir", SANDBOX_WORK_DIR]
+    for path in spec.ro_binds:
+        args += ["--ro-bind", path, path]
     for dev in devices:
         args += ["--dev-bind-try", dev, dev]
     private: list[str] = []
@@ -184,7 +186,7 @@ def launcher_argv(
     work = str(spec.work_dir)
     env = job_env(spec, home=work, extra=extra_env or {})
     env["TMPDIR"] = work  # no private /tmp without a mount namespace; /tmp is not writable under Landlock
-    read_paths = [*layout.dirs, *(path for _target, path in layout.symlinks), *layout.etc_files]
+    read_paths = [*layout.dirs, *(path for _target, path in layout.symlinks), *layout.etc_files, *spec.ro_binds]
     config = {
         "parent_pid": parent_pid,
         "status_fd": status_fd,

@@ -118,8 +118,11 @@ class ExecSpec:
     outputs: tuple[str, ...] = ()  # names (relative to the work dir) to digest and return
     limits: Limits = Limits()
     gpus: tuple[int, ...] = ()  # granted GPU indices (NVML numbering)
+    ro_binds: tuple[str, ...] = ()  # host dirs the job may read, at the same path (a runtime's venv)
 
     def __post_init__(self) -> None:
+        if not all(p.startswith("/") and "\0" not in p for p in self.ro_binds):
+            raise ValueError("ro_binds must be absolute paths")
         if not self.command or not all(isinstance(a, str) and "\0" not in a for a in self.command):
             raise ValueError("command must be a non-empty tuple of strings without NUL")
         for key, value in self.env.items():

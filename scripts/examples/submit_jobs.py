@@ -44,7 +44,8 @@ def main() -> int:
         print(f"counts.txt: {result.outputs['counts.txt'].decode().strip()}")
 
         # Five small jobs at once; results come back in input order, failed ones included.
-        results = client.map(lambda n: ["python3", "-c", f"print({n} ** 2)"], range(5), memory="128MiB", timeout=60)
+        commands = [["python3", "-c", f"print({n} ** 2)"] for n in range(5)]
+        results = client.map(commands, memory="128MiB", timeout=60)
         for n, r in enumerate(results):
             print(f"{n}² = {r.stdout.decode().strip()}" if r.ok else f"{n}: {r.state} {r.error or r.exit_code}")
     return 0
