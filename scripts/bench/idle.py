@@ -9,10 +9,10 @@ system seconds over a wall-clock window, RSS = ``VmRSS``. Ads are refreshed ever
 - idle: one provider alone; after 10 s to settle, its CPU over ``--idle-seconds`` (a minute by default), and RSS.
 - peers: one provider (the hub) and, in this process, K other libp2p hosts built by ``node.net.open_host`` like a
   node's (Noise, Yamux, server-mode Kademlia, GossipSub on ``/coop/reputation/1``), each bootstrapped from the hub
-  (dial, DHT routing-table refresh). They stand in for K peer processes, which would cost K x ~100 MiB here; the
-  hub cannot tell them apart from nodes that neither advertise nor run jobs. For K = 1, 10, 50 in turn (hosts are
-  added), once the hub reports K connected peers and 10 s have passed: the hub's CPU over 30 s, and RSS. Reported
-  per peer: the slope between the smallest and largest K.
+  (dial, DHT routing-table refresh), with a node's DHT record validators. They stand in for K peer processes,
+  which would cost K x ~100 MiB here; the hub cannot tell them apart from nodes that neither advertise nor run
+  jobs. For K = 1, 10, 50 in turn (hosts are added), once the hub reports K connected peers and 10 s have passed:
+  the hub's CPU over 30 s, and RSS. Reported per peer: the slope between the smallest and largest K.
 - jobs: one provider running jobs for itself (its own offer is the only one, so the job goes over the in-memory
   channel, sandboxed as for anyone; ``max_jobs`` 4, ``replicas`` 1). ``Client.map`` of ``true`` jobs in batches of
   ``--every``, RSS after each batch, up to ``--jobs`` or ``--max-minutes``, whichever comes first; the rate too.
@@ -41,6 +41,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import scripts.cluster as harness
+from node.daemon import record_validators, wall_clock_ms
 from node.net import open_host
 from protocol.identity import Identity
 from protocol.reputation import REPUTATION_TOPIC
@@ -119,6 +120,7 @@ async def _peers(hub: NodeInfo, counts: list[int]) -> list[tuple[int, float, flo
         AsyncExitStack() as stack,
     ):
         hosts = 0
+        validate, select = record_validators(wall_clock_ms, 2000)  # a node's, so they store the hub's ad as nodes do
 
         async def connected() -> int:
             peers = (await http.get("/v1/peers")).raise_for_status().json()["peers"]
@@ -130,6 +132,8 @@ async def _peers(hub: NodeInfo, counts: list[int]) -> list[tuple[int, float, flo
                     open_host(
                         seed=Identity.generate().seed(),
                         listen=["/ip4/127.0.0.1/tcp/0"],
+                        dht_validate=validate,
+                        dht_select=select,
                         gossip_topics={REPUTATION_TOPIC: lambda source, data: False},
                     )
                 )
