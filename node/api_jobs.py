@@ -14,6 +14,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from node.api import read_body
+from node.market.queue import QueueFull
 from node.market.requests import BadSubmission, parse_submission
 from protocol import codec
 from protocol.messages import file_name_ok
@@ -85,6 +86,8 @@ def job_routes(jobs: JobManager, store: Store, me: str) -> list[Route]:
             return _error(400, "bad-submission", str(exc))
         try:
             job_id = await jobs.submit(submission)
+        except QueueFull as exc:
+            return _error(429, "queue-full", str(exc))
         except ValueError as exc:
             return _error(409, "conflict", str(exc))
         except OSError as exc:  # an input path that cannot be read (or copied) after all

@@ -61,6 +61,8 @@ class NodeConfig:
     verify_below: float = 0.7
     replicas: int = 2
     sync_interval_seconds: float = 30.0
+    max_active_jobs: int = 16  # [jobs]: see node/market/queue.py
+    max_unfinished_jobs: int = 10_000
     owner: OwnerPolicy = field(default_factory=OwnerPolicy)  # [owner]; max_jobs comes from [provide]
     owner_check_seconds: float = 5.0
     config_file: Path | None = None
@@ -121,6 +123,12 @@ verify_below = 0.7
 replicas = 2
 # How often to pull reputation records that gossip missed from a few connected peers (seconds).
 sync_interval_seconds = 30
+
+[jobs]
+# Jobs this node submits: at most max_unfinished wait or run at once (more are refused with HTTP 429), and
+# only max_active of them look for providers or run at a time; the rest wait in the queue, in order.
+max_active = 16
+max_unfinished = 10000
 
 [pricing]
 # Prices in milli-credits (1 credit = 1000). The cost of a job is
@@ -284,6 +292,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         "provide": {"enabled", "max_jobs", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
         "trust": {"verify_below", "replicas", "sync_interval_seconds"},
+        "jobs": {"max_active", "max_unfinished"},
         "owner": OWNER_KEYS,
         "limits": set(LIMIT_KEYS),
     }
@@ -355,8 +364,17 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
             _get(raw.get("owner", {}), "check_seconds", number, "owner", base.owner_check_seconds),
             "owner.check_seconds",
         ),
+        max_active_jobs=_at_least_one(raw.get("jobs", {}), "max_active", base.max_active_jobs),
+        max_unfinished_jobs=_at_least_one(raw.get("jobs", {}), "max_unfinished", base.max_unfinished_jobs),
         config_file=path,
     )
+
+
+def _at_least_one(table: dict[str, Any], key: str, default: int) -> int:
+    value: int = _get(table, key, int, "jobs", default)
+    if value < 1:
+        raise ConfigError(f"jobs.{key}: must be at least 1, got {value}")
+    return value
 
 
 def _net_limits(table: dict[str, Any], base: tuple[tuple[str, float], ...]) -> tuple[tuple[str, float], ...]:

@@ -481,7 +481,8 @@ async def _serve(
     node.jobs = JobManager(identity=identity, messenger=messenger, store=store, host=host,
                            find_providers=node.find_peer_ids, provider=provider, jobs_dir=jobs_dir,
                            clock_ms=wall_clock_ms, reputation=reputation, verify_below=config.verify_below,
-                           replicas=config.replicas)  # fmt: skip
+                           replicas=config.replicas, max_active=config.max_active_jobs,
+                           max_unfinished=config.max_unfinished_jobs)  # fmt: skip
     if provider is not None:
         provider.on_receipt = partial(_rate_client, reputation)
         host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))

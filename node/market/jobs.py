@@ -31,6 +31,7 @@ import trio
 
 from node import net
 from node.market.provider import ProviderService
+from node.market.queue import DEFAULT_MAX_ACTIVE, DEFAULT_MAX_UNFINISHED, JobQueue
 from node.market.requests import SubmitRequest, new_job_id, sha256_file
 from node.market.transfer import DigestMismatch, receive_file, send_file
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel, loopback_pair
@@ -149,6 +150,8 @@ class JobManager:
         replicas: int = 2,
         discovery_patience_s: float = DISCOVERY_PATIENCE_S,
         busy_patience_s: float = BUSY_PATIENCE_S,
+        max_unfinished: int = DEFAULT_MAX_UNFINISHED,
+        max_active: int = DEFAULT_MAX_ACTIVE,
     ) -> None:
         self.identity = identity
         self.messenger = messenger
@@ -167,6 +170,7 @@ class JobManager:
         self.replicas = replicas
         self.discovery_patience_s = discovery_patience_s
         self.busy_patience_s = busy_patience_s
+        self.queue = JobQueue(max_unfinished=max_unfinished, max_active=max_active)
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
         self._changed: dict[str, trio.Event] = {}
@@ -182,12 +186,16 @@ class JobManager:
                 self.store.update_job(row.job_id, "provider", now_ms=now, state="failed",
                                       error="this node restarted while running the job; it was killed")  # fmt: skip
             for row in self.store.unfinished_jobs("client"):
+                paid = self.store.get_receipt(row.job_id)  # the run that ended in it finished (see _exchange)
                 for attempt in self.store.attempts(row.job_id):
                     if attempt.ended_ms is None:
-                        self.store.end_attempt(row.job_id, attempt.attempt, outcome="interrupted", now_ms=now,
-                                               reason="this node restarted during the attempt")  # fmt: skip
+                        done = paid is not None and attempt.provider == paid.provider
+                        outcome, why = ("completed", "its receipt was stored") if done else ("interrupted", None)
+                        self.store.end_attempt(row.job_id, attempt.attempt, outcome=outcome, now_ms=now,
+                                               reason=why or "this node restarted during the attempt")  # fmt: skip
                 self.store.update_job(row.job_id, "client", now_ms=now, state="queued",
                                       error="resumed after this node restarted")  # fmt: skip
+                self.queue.admit(row.job_id, resumed=True)
                 self._start(row.job_id)
             task_status.started()
             await trio.sleep_forever()
@@ -208,6 +216,14 @@ class JobManager:
         job_id = request.job_id or new_job_id()
         if self.store.get_job(job_id, "client") is not None:
             raise ValueError(f"job {job_id} already exists")
+        self.queue.admit(job_id)  # QueueFull: too many unfinished jobs already
+        try:
+            return self._stage_and_start(job_id, request)
+        except BaseException:
+            self.queue.done(job_id)
+            raise
+
+    def _stage_and_start(self, job_id: str, request: SubmitRequest) -> str:
         job_dir = self.jobs_dir / job_id
         inputs_dir = job_dir / "inputs"
         inputs_dir.mkdir(parents=True)
@@ -255,16 +271,32 @@ class JobManager:
     async def _run_job(self, job_id: str, scope: trio.CancelScope) -> None:
         with scope:
             try:
-                await self._attempts(job_id)
+                waited = not self.queue.slot_free
+                if waited:
+                    stats = self.queue.statistics()
+                    self._set(job_id, state="queued", error=f"waiting for one of this node's {stats.max_active} "
+                              f"job slots ([jobs] max_active; {stats.waiting + 1} jobs waiting)")  # fmt: skip
+                async with self.queue.slot():
+                    if waited:
+                        self._set(job_id, error=None)
+                    await self._attempts(job_id)
             except Exception as exc:  # a bug must not take the daemon down with it; the job says what happened
                 log.exception("job %s crashed", job_id)
                 self._set(job_id, state="failed", error=f"internal error: {type(exc).__name__}: {exc}")
         self._scopes.pop(job_id, None)
+        self.queue.done(job_id)
 
     async def _attempts(self, job_id: str) -> None:
         row = self.store.get_job(job_id, "client")
         assert row is not None
         req = row.request
+        if self.store.get_receipt(job_id) is not None:
+            # A run was paid for before this node restarted: finish from its stored result (written before the
+            # receipt, see _exchange) and never run the job again under an id that already has a receipt.
+            await self._rate(job_id, Outcome.SUCCESS, 100)
+            note = "unverified: this node restarted after the result arrived"
+            self._set(job_id, state="completed", error=None, result=dict(row.result or {}, verification=note))
+            return
         excluded: set[str] = set()
         failures: list[str] = []
         patience = trio.current_time() + self.discovery_patience_s
@@ -623,11 +655,9 @@ class JobManager:
                                          message=problem))  # fmt: skip
             raise AttemptFailed(f"bad receipt: {problem}")
         signed = sign_as(self.identity, receipt, "client")
-        await m.send(channel, signed)
-        self.store.put_receipt(signed)
         outputs = {o.name: {"sha256": o.sha256.hex(), "size": o.size} for o in result.outputs}
         missing = [name for name in spec.outputs if name not in outputs]
-        return {
+        outcome = {
             "exit_status": result.exit_status,
             "termination": result.termination.value,
             "cost": receipt.cost,
@@ -635,6 +665,17 @@ class JobManager:
                        "provider": result.provider, "receipt_hash": terms_hash(signed).hex(),
                        "stdout_sha256": result.stdout_sha256.hex()},
         }  # fmt: skip
+        # Write ahead: the result, then the receipt, are stored before the provider gets our signature, so every
+        # receipt a provider holds, this node holds too, and a restart from here on finishes the job from the
+        # store (_attempts) instead of running it again under an id that has a receipt.
+        if spec.job_id == base_job_id(spec.job_id):
+            self.store.update_job(spec.job_id, "client", now_ms=self.clock_ms(), **outcome)
+        self.store.put_receipt(signed)
+        try:
+            await m.send(channel, signed)
+        except (ChannelClosed, net.NetError) as exc:  # the run is done and paid for here; the provider went away
+            log.info("job %s: the provider went away before our receipt signature reached it: %r", spec.job_id, exc)
+        return outcome
 
     def _check_receipt(self, receipt: Receipt, spec: JobSpec, agreement: Agreement, result: JobResult) -> str:
         if receipt.job_id != spec.job_id or receipt.client != self.identity.peer_id:
