@@ -8,4 +8,5 @@ Modules:
     jobs      the client side: JobManager (find, quote k in parallel, rank, agree, transfer, receipt, retry on
               the next candidate, recovery after a restart)
     requests  validation of job submissions from the local API
+    queue     JobQueue: the cap on a node's unfinished jobs and the slots that let only a few negotiate at once
 """
