@@ -16,8 +16,10 @@ Theory of operation
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -41,6 +43,7 @@ from protocol.reputation import (
     SyncResponse,
     VerifiedRecord,
     make_bundle,
+    record_id,
     verify_bundle,
 )
 from protocol.trust import Evidence, TrustParams, TrustScore, TrustTable, compute_trust
@@ -51,6 +54,7 @@ SYNC_PEERS: Final = 3  # peers pulled from per round
 SYNC_MAX_PAGES: Final = 20  # per peer per round (500 records a page)
 SYNC_TIMEOUT_S: Final = 10.0
 MAX_GOSSIP_BYTES: Final = RecordBundle.MAX_BYTES
+VALIDATED_CACHE: Final = 2 * net.GOSSIP_INBOX_LEN  # validated messages not yet consumed (the inbox holds 256)
 
 
 class ReputationService:
@@ -75,7 +79,9 @@ class ReputationService:
         self.rejected: dict[str, int] = {}
         self.accepted = 0
         self.pulled = 0
+        self.pulled_held = 0  # pulled records skipped unverified: we held them already
         self._cursors: dict[str, tuple[int, bytes]] = {}
+        self._validated: OrderedDict[bytes, VerifiedRecord] = OrderedDict()  # sha256 of gossip data -> its check
         self._table: TrustTable | None = None
 
     # ------------------------------------------------------------------------------------------- trust
@@ -175,7 +181,14 @@ class ReputationService:
         except RemoteProtocolError as exc:
             self._refuse(exc.code)
             return False
+        self._remember(data, verified)
         return True
+
+    def _remember(self, data: bytes, verified: VerifiedRecord) -> None:
+        """Keep the validator's result for :meth:`consume_gossip`, for the last VALIDATED_CACHE messages."""
+        self._validated[hashlib.sha256(data).digest()] = verified
+        while len(self._validated) > VALIDATED_CACHE:
+            self._validated.popitem(last=False)
 
     def _is_news(self, verified: VerifiedRecord) -> bool:
         held = self.records.time_of(verified.id)
@@ -184,7 +197,9 @@ class ReputationService:
     async def consume_gossip(self) -> None:
         assert self.host is not None
         async for _peer, data in self.host.gossip_messages(REPUTATION_TOPIC):
-            verified = self._check(data)  # validated already; decode again (cheap) to store exactly what we checked
+            # Validated already: take the validator's result for these exact bytes (checking the three signatures
+            # again was a tenth of a client's CPU in a round trip); check again only if it has been forgotten.
+            verified = self._validated.pop(hashlib.sha256(data).digest(), None) or self._check(data)
             if verified is not None and self.records.put(verified, received_ms=self.clock_ms()):
                 self.accepted += 1
                 self._changed()
@@ -217,16 +232,8 @@ class ReputationService:
                 await channel.send(codec.encode(SyncRequest(since=since, after_id=after, limit=500)))
                 with trio.fail_after(SYNC_TIMEOUT_S):
                     response = codec.decode(await channel.receive(SyncResponse.MAX_BYTES), SyncResponse)
-                for bundle in response.bundles:
-                    try:
-                        verified = self._verify(bundle)
-                    except RemoteProtocolError as exc:
-                        self._refuse(exc.code)
-                        continue
-                    if (verified.record.time, verified.id) > (since, after):
-                        since, after = verified.record.time, verified.id
-                    if self.records.put(verified, received_ms=self.clock_ms()):
-                        new += 1
+                since, after, got = self._take_page(response.bundles, since, after)
+                new += got
                 if not response.more or not response.bundles:
                     break
         finally:
@@ -236,6 +243,32 @@ class ReputationService:
             self.pulled += new
             self._changed()
         return new
+
+    def _take_page(self, bundles: tuple[RecordBundle, ...], since: int, after: bytes) -> tuple[int, bytes, int]:
+        """Store a pulled page's new records; return the cursor after it and how many were new.
+
+        A record we already hold at the same or a later time is skipped before its three signatures are checked:
+        the first pull from each peer returns its whole history, nearly all of it held already, and verifying it
+        again was most of an idle node's reputation work (docs/benchmarks.md, "Where the time goes"). Its time
+        and id can move the cursor: both equal a record we verified when we stored it.
+        """
+        new = 0
+        for bundle in bundles:
+            rid = record_id(bundle.record)
+            held = self.records.time_of(rid)
+            if held is not None and held >= bundle.record.time:
+                self.pulled_held += 1
+                since, after = max((since, after), (bundle.record.time, rid))
+                continue
+            try:
+                verified = self._verify(bundle)
+            except RemoteProtocolError as exc:
+                self._refuse(exc.code)
+                continue
+            since, after = max((since, after), (verified.record.time, verified.id))
+            if self.records.put(verified, received_ms=self.clock_ms()):
+                new += 1
+        return since, after, new
 
     async def sync_forever(self) -> None:
         assert self.host is not None
@@ -250,4 +283,4 @@ class ReputationService:
 
     def statistics(self) -> dict[str, Any]:
         return {"records": self.records.count(), "accepted_by_gossip": self.accepted, "pulled": self.pulled,
-                "rejected": dict(self.rejected)}  # fmt: skip
+                "pulled_held": self.pulled_held, "rejected": dict(self.rejected)}  # fmt: skip
