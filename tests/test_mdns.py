@@ -101,7 +101,7 @@ async def test_two_nodes_on_one_bridge_find_each_other_by_mdns(tmp_path: Path, l
         pytest.skip(f"needs network namespaces: {reason}")
     network = await trio.to_thread.run_sync(Netns.create, prefix_for(f"mdns-{tmp_path}"), 2)
     try:
-        with trio.fail_after(90):
+        with trio.fail_after(150):  # two node start-ups dominate; mDNS itself answers in well under a second
             a, b = _node_in(network, 0, tmp_path, launcher), _node_in(network, 1, tmp_path, launcher)
             async with trio.open_nursery() as starting:  # no --bootstrap anywhere
                 starting.start_soon(launcher.start, a)
@@ -111,19 +111,20 @@ async def test_two_nodes_on_one_bridge_find_each_other_by_mdns(tmp_path: Path, l
             for me, other in ((a, b), (b, a)):
 
                 async def joined(me: NodeProcess = me, other: NodeProcess = other) -> bool:
-                    status = await me.cli("status")
+                    status = await me.api("GET", "/v1/status")
                     peers = {p["peer_id"]: p for p in status["mdns"]["peers"]}  # type: ignore[index]
                     return other.peer_id in peers and peers[other.peer_id]["state"] == "joined"
 
                 await wait_until(joined)
-                routing = {p["peer_id"] for p in await me.cli("peers") if p["in_routing_table"]}  # type: ignore[union-attr]
-                assert other.peer_id in routing
+                listed = (await me.api("GET", "/v1/peers"))["peers"]  # type: ignore[index]
+                assert other.peer_id in {p["peer_id"] for p in listed if p["in_routing_table"]}
 
             async def finds_b() -> bool:  # the DHT works across the LAN link: a's lookup finds b's signed ad
-                return b.peer_id in {p["peer_id"] for p in await a.cli("find", "--cpus", "1")}  # type: ignore[union-attr]
+                found = await a.api("GET", "/v1/find", params={"cpus": 1})
+                return b.peer_id in {p["peer_id"] for p in found["providers"]}  # type: ignore[index]
 
             await wait_until(finds_b)
-            status = await a.cli("status")
+            status = await a.api("GET", "/v1/status")
             assert status["mdns"]["refused"] == 0  # type: ignore[index]
             assert f"/ip4/{network.node(1).address}/tcp/" in status["mdns"]["peers"][0]["address"]  # type: ignore[index]
     finally:
