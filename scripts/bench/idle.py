@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import scripts.cluster as harness
 from node.daemon import record_validators, wall_clock_ms
-from node.net import open_host
+from node.net import NetHost, open_host
 from protocol.identity import Identity
 from protocol.reputation import REPUTATION_TOPIC
 from scripts.cluster import Cluster, NodeInfo
@@ -127,6 +127,7 @@ async def _peers(hub: NodeInfo, counts: list[int]) -> list[tuple[int, float, flo
             return sum(p["connected"] for p in peers)
 
         for k in counts:
+            new = []
             while hosts < k:
                 host = await stack.enter_async_context(
                     open_host(
@@ -137,9 +138,16 @@ async def _peers(hub: NodeInfo, counts: list[int]) -> list[tuple[int, float, flo
                         gossip_topics={REPUTATION_TOPIC: lambda source, data: False},
                     )
                 )
+                new.append(host)
+                hosts += 1
+
+            async def join(host: NetHost) -> None:
                 if await host.bootstrap([hub.address]) != 1:
                     raise RuntimeError("a peer could not reach the hub")
-                hosts += 1
+
+            async with trio.open_nursery() as nursery:  # at once: one by one, 50 joins took over 15 min loaded
+                for host in new:
+                    nursery.start_soon(join, host)
             with trio.fail_after(120):
                 while await connected() < k:  # noqa: ASYNC110 (the hub is another process: poll its API)
                     await trio.sleep(0.5)
