@@ -120,12 +120,22 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": "internal", "message": "internal error (see the node's log)"}, status_code=500)
 
 
+def is_public(method: str, path: str) -> bool:
+    """What is served without the token: the dashboard's own files (they hold no data) and the trade of a one-time
+    dashboard code for the token (see node.api_dashboard)."""
+    if method == "GET" and (path == "/dashboard" or path.startswith("/dashboard/")):
+        return True
+    return method == "POST" and path == "/v1/dashboard/session"
+
+
 class _TokenAuth(BaseHTTPMiddleware):
     def __init__(self, app: Any, token: str) -> None:
         super().__init__(app)
         self._expected = f"Bearer {token}".encode()
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        if is_public(request.method, request.url.path):
+            return await call_next(request)
         given = request.headers.get("authorization", "").encode()
         if not hmac.compare_digest(given, self._expected):
             return JSONResponse(

@@ -21,9 +21,7 @@ can run, and serves a local API that the other commands use. (`coop` is the same
 Handler = Callable[[argparse.Namespace], int]
 
 # command -> (help line, issue that builds it); filled below and by _command()
-_PLANNED: Final[dict[str, tuple[str, str]]] = {
-    "dashboard": ("print a one-time link to the web dashboard", "the dashboard"),
-}
+_PLANNED: Final[dict[str, tuple[str, str]]] = {}
 
 
 def _not_built(name: str, what: str) -> Handler:

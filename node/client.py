@@ -20,6 +20,7 @@ import base64
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from urllib.parse import quote
 
 import anyio  # httpx's own dependency; under trio, anyio.current_time() is trio.current_time()
 import httpx
+from tqdm import tqdm
 
 from node.config import API_FILE, default_data_dir
 
@@ -347,6 +349,14 @@ class Client:
     def status(self) -> dict[str, Any]:
         return self._get("status")  # type: ignore[no-any-return]
 
+    def dashboard_link(self) -> dict[str, Any]:
+        """A one-time dashboard login link: ``{url, expires_in_s}`` (see node.api_dashboard)."""
+        return self._request("POST", "/v1/dashboard/link").json()  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        """This node's Prometheus metrics, in the text exposition format."""
+        return self._request("GET", "/metrics").text
+
     def find(self, *, cpus: int = 1, memory_bytes: int = 0, gpus: int = 0, gpu_model: str = "") -> list[dict[str, Any]]:
         params = {"cpus": cpus, "memory": memory_bytes, "gpus": gpus, "gpu_model": gpu_model}
         return self._get("find", params)["providers"]  # type: ignore[no-any-return]
@@ -433,13 +443,16 @@ class Client:
         """The bytes of one output file of a completed job."""
         return self._request("GET", _path("jobs", job_id, "outputs", name)).content
 
-    def map(self, commands: Commands, items: Iterable[Any] | None = None, /, **options: Any) -> list[JobResult]:
+    def map(
+        self, commands: Commands, items: Iterable[Any] | None = None, /, *, progress: bool | None = None, **options: Any
+    ) -> list[JobResult]:
         """Run many jobs at once: ``map([cmd, ...])`` or ``map(fn, items)`` where ``fn(item)`` is a command.
 
         Every job is submitted before any is waited for. Results come in input order, failed jobs included
         (their ``state`` and ``error`` say why); nothing is raised for a job's failure.
 
         Args:
+            progress: a progress bar of finished jobs on stderr; None (default): only when stderr is a terminal.
             options: submit options, the same for every job (see ``submission_body``).
 
         Raises:
@@ -458,7 +471,8 @@ class Client:
                 with contextlib.suppress(ApiError):  # best effort: the first error is the one to report
                     job.cancel()
             raise
-        return [job.result(check=False) for job in submitted]
+        with progress_bar(len(submitted), progress) as bar:
+            return [_advance(bar, job.result(check=False)) for job in submitted]
 
     # used by Job
 
@@ -474,6 +488,18 @@ class Client:
 
     def _read_log(self, job_id: str, stream: str) -> bytes:
         return b"".join(self.logs(job_id, stream))
+
+
+def progress_bar(total: int, show: bool | None) -> tqdm[Any]:
+    """A bar of finished jobs on stderr: shown when ``show``, or (None) when stderr is a terminal; else silent."""
+    enabled = sys.stderr.isatty() if show is None else show
+    return tqdm(total=total, desc="jobs", unit="job", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
+def _advance(bar: tqdm[Any], result: JobResult) -> JobResult:
+    bar.update(1)
+    bar.set_postfix_str(f"last: {result.state}", refresh=False)
+    return result
 
 
 class Job:
@@ -668,8 +694,10 @@ class AsyncClient:
     async def output(self, job_id: str, name: str) -> bytes:
         return (await self._request("GET", _path("jobs", job_id, "outputs", name))).content
 
-    async def map(self, commands: Commands, items: Iterable[Any] | None = None, /, **options: Any) -> list[JobResult]:
-        """See ``Client.map``: submit all, then results in input order, failed jobs included."""
+    async def map(
+        self, commands: Commands, items: Iterable[Any] | None = None, /, *, progress: bool | None = None, **options: Any
+    ) -> list[JobResult]:
+        """See ``Client.map``: submit all, then results in input order, failed jobs included; ``progress`` too."""
         submitted: list[AsyncJob] = []
         all_commands = _commands(commands, items)
         for command in all_commands:  # check every command and option before submitting any
@@ -683,7 +711,8 @@ class AsyncClient:
                     await job.cancel()
             raise
         # One after another is as fast as at once: the jobs already run in parallel on the network.
-        return [await job.result(check=False) for job in submitted]
+        with progress_bar(len(submitted), progress) as bar:
+            return [_advance(bar, await job.result(check=False)) for job in submitted]
 
     async def _poll(self, job_id: str, seconds: float) -> dict[str, Any]:
         seconds = max(0.0, seconds)

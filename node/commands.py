@@ -80,6 +80,12 @@ def register(sub: Any) -> None:
         help="DANGEROUS: run others' jobs without a sandbox where none is available (trusted single-user setups)",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="config file (default DATA_DIR/config.toml)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="log lines on stderr as text (default) or one JSON object per line")  # fmt: skip
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="count", default=0,
+                          help="log more: INFO (twice: DEBUG); the default is WARNING or $COOP_LOG_LEVEL")  # fmt: skip
+    loudness.add_argument("-q", "--quiet", action="store_true", help="log errors only")
     p.set_defaults(handler=cmd_start)
 
     p = sub.add_parser("id", help="print this node's peer id and addresses")
@@ -114,13 +120,14 @@ def register(sub: Any) -> None:
 
     job_commands.register(sub)
 
-    from node import reputation_commands, sandbox_commands
+    from node import dashboard_commands, reputation_commands, sandbox_commands
 
     sandbox_commands.register(sub)
     reputation_commands.register(sub)
     from node import owner_commands
 
     owner_commands.register(sub)
+    dashboard_commands.register(sub)
 
 
 def build_config(args: argparse.Namespace) -> NodeConfig:
@@ -153,7 +160,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     import trio
 
     from node.daemon import data_dir_lock, run_node
-    from node.logs import setup_logging
+    from node.logs import level_for, setup_logging
 
     try:
         config = build_config(args)
@@ -162,7 +169,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     except (ConfigError, RuntimeError) as exc:
         print(f"node start: {exc}", file=sys.stderr)
         return 2
-    setup_logging()
+    setup_logging(level_for(verbose=args.verbose, quiet=args.quiet), fmt=args.log_format)
     print(f"coop: {'created a new identity' if created else 'loaded identity'} in {config.data_dir}", flush=True)
     from node import net
 

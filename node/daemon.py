@@ -34,6 +34,7 @@ import trio
 
 from node import net
 from node.api import FindQuery, new_token, serve_api, write_api_file
+from node.api_dashboard import LoginCodes, dashboard_routes
 from node.api_jobs import job_routes
 from node.api_reputation import reputation_routes
 from node.capacity.fake_nvml import nvml_from_env
@@ -44,6 +45,7 @@ from node.lan import LanJoiner
 from node.market.jobs import JobManager
 from node.market.provider import ProviderService
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel
+from node.metrics import NodeMetrics
 from node.owner import OwnerService, load_source
 from node.reputation.records import RecordStore
 from node.reputation.service import ReputationService
@@ -197,6 +199,8 @@ class Node:
         self.store: Store | None = None
         self.reputation: ReputationService | None = None
         self.owner: OwnerService | None = None  # the owner policy (providers only)
+        self.metrics: NodeMetrics | None = None
+        self.login_codes: LoginCodes | None = None
 
     def extra_routes(self) -> list[Any]:
         routes: list[Any] = []
@@ -204,6 +208,9 @@ class Node:
             from node.api_owner import owner_routes
 
             routes += owner_routes(self.owner)
+        if self.metrics is not None and self.login_codes is not None:
+            routes += dashboard_routes(node=self, store=self.store, reputation=self.reputation, metrics=self.metrics,
+                                       codes=self.login_codes)  # fmt: skip
         if self.reputation is not None and self.store is not None:
             routes += reputation_routes(self.reputation, self.store)  # before /v1/jobs/{id}: more specific
         if self.jobs is not None and self.store is not None:
@@ -483,6 +490,10 @@ async def _serve(
                            clock_ms=wall_clock_ms, reputation=reputation, verify_below=config.verify_below,
                            replicas=config.replicas, max_active=config.max_active_jobs,
                            max_unfinished=config.max_unfinished_jobs)  # fmt: skip
+    metrics = NodeMetrics(store=store, net_statistics=host.statistics, reputation_statistics=reputation.statistics)
+    node.metrics = metrics
+    node.jobs.on_quote_latency = metrics.observe_quote
+    node.jobs.on_job_ended = lambda row: metrics.observe_job(row.state, row.created_ms, row.updated_ms)
     if provider is not None:
         provider.on_receipt = partial(_rate_client, reputation)
         host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))
@@ -496,6 +507,7 @@ async def _serve(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wait_for_signal, scope, node.say)
             token = new_token()
+            node.login_codes = LoginCodes(token)
             url = await nursery.start(
                 partial(serve_api, node, host=config.api_host, port=config.api_port, token=token, shutdown=shutdown)
             )

@@ -424,6 +424,20 @@ class Store:
         )
         return [_job(row) for row in rows]
 
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """How many jobs there are per (role, state) (for /metrics)."""
+        rows = self._db.execute("SELECT role, state, COUNT(*) AS n FROM jobs GROUP BY role, state")
+        return {(row["role"], row["state"]): row["n"] for row in rows}
+
+    def termination_counts(self, role: Role) -> dict[str, int]:
+        """How many of ``role``'s jobs ended with each termination reason (for /metrics)."""
+        rows = self._db.execute(
+            "SELECT termination, COUNT(*) AS n FROM jobs WHERE role = ? AND termination IS NOT NULL"
+            " GROUP BY termination",
+            (role,),
+        )
+        return {row["termination"]: row["n"] for row in rows}
+
     def unfinished_jobs(self, role: Role) -> list[JobRow]:
         """Jobs in ``role`` not yet completed, failed or cancelled, oldest first: what a restart must resume."""
         rows = self._db.execute(

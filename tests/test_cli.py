@@ -28,11 +28,11 @@ def test_every_command_has_help():
         assert info.value.code == 0
 
 
-def test_a_command_that_is_not_built_yet_says_so(capsys):
+def test_the_dashboard_command_without_a_node_explains(tmp_path, capsys):
     from node.cli import main
 
-    assert main(["dashboard"]) == 2
-    assert "not available in this version yet" in capsys.readouterr().err
+    assert main(["dashboard", "--data-dir", str(tmp_path)]) == 1
+    assert "no running node found" in capsys.readouterr().err
 
 
 def test_client_commands_without_a_node_explain(tmp_path, capsys):

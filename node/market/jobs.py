@@ -36,7 +36,7 @@ from node.market.requests import SubmitRequest, new_job_id, sha256_file
 from node.market.transfer import DigestMismatch, receive_file, send_file
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel, loopback_pair
 from node.reputation.service import ReputationService
-from node.store import Store
+from node.store import JobRow, Store
 from protocol import codec
 from protocol.cosign import sign_as, terms_hash, verify_role
 from protocol.envelope import message_hash
@@ -174,6 +174,9 @@ class JobManager:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
         self._changed: dict[str, trio.Event] = {}
+        # Metrics hooks (node.metrics), set by the daemon: a quote's round trip in ms; a job that just ended.
+        self.on_quote_latency: Callable[[float], None] | None = None
+        self.on_job_ended: Callable[[JobRow], None] | None = None
 
     # ------------------------------------------------------------------------------------------- service
 
@@ -207,7 +210,9 @@ class JobManager:
         self._nursery.start_soon(self._run_job, job_id, scope)
 
     def _set(self, job_id: str, **fields: Any) -> None:
-        self.store.update_job(job_id, "client", now_ms=self.clock_ms(), **fields)
+        row = self.store.update_job(job_id, "client", now_ms=self.clock_ms(), **fields)
+        if self.on_job_ended is not None and row.state in TERMINAL:
+            self.on_job_ended(row)
         self._changed.pop(job_id, trio.Event()).set()
 
     # ------------------------------------------------------------------------------------------- API
@@ -529,6 +534,8 @@ class JobManager:
                             return action.code
                     message = await self.messenger.receive(channel, (Quote, Reject))
                     latency = (trio.current_time() - started) * 1000 if latency is None else latency
+                    if self.on_quote_latency is not None and isinstance(message, Quote):
+                        self.on_quote_latency(latency)
                     actions = machine.receive(message, self.clock_ms())
         except (trio.TooSlowError, ChannelClosed, RemoteProtocolError) as exc:
             log.info("negotiation with %s failed: %r", provider, exc)
