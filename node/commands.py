@@ -74,6 +74,13 @@ def register(sub: Any) -> None:
     p.add_argument("--api", metavar="HOST:PORT", help="local API address (default 127.0.0.1:7410; port 0 = any)")
     p.add_argument("--no-provide", action="store_true", help="do not offer this machine's capacity or run jobs")
     p.add_argument("--no-mdns", action="store_true", help="do not look for (or announce to) nodes on the LAN by mDNS")
+    p.add_argument("--relay-service", action="store_true", help="relay circuits for nodes that cannot be dialled")
+    p.add_argument(
+        "--relay",
+        action="append",
+        metavar="MULTIADDR",
+        help="stay reachable through this relay, /ip4/HOST/tcp/PORT/p2p/PEER_ID (repeatable; it needs --relay-service)",
+    )
     p.add_argument(
         "--allow-unsandboxed",
         action="store_true",
@@ -151,6 +158,10 @@ def build_config(args: argparse.Namespace) -> NodeConfig:
         config = replace(config, provide=False)
     if args.no_mdns:
         config = replace(config, mdns=False)
+    if args.relay_service:
+        config = replace(config, relay_service=True)
+    if args.relay:
+        config = replace(config, relays=tuple(args.relay))
     if args.allow_unsandboxed:
         config = replace(config, allow_unsandboxed=True)
     return config
@@ -277,6 +288,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             lan = st["mdns"]
             joined = sum(p["state"] == "joined" for p in lan["peers"])
             print(f"mdns       {lan['state']}: {joined} LAN peer(s) joined, {lan['announcements']} announcement(s)")
+        if "reach" in st:
+            reach = st["reach"]
+            relays = ", ".join(f"{r['address']}: {r['state']}" for r in reach["relays"]) or "no relay configured"
+            service = ", offers relay service" if reach["relay_service"] else ""
+            print(f"reach      {reach['reachability']} ({relays}){service}")
         if "limits" in st:
             lim = st["limits"]
             reset, refused = lim["streams_limited"], lim["connections_refused"]

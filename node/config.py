@@ -46,6 +46,8 @@ class NodeConfig:
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     bootstrap: tuple[str, ...] = ()
     mdns: bool = True
+    relays: tuple[str, ...] = ()  # relays to stay reachable through (circuit relay v2)
+    relay_service: bool = False  # relay circuits for others
     net_limits: tuple[tuple[str, float], ...] = ()  # [limits] overrides of node.net.NetLimits' defaults
     api_host: str = "127.0.0.1"
     api_port: int = 7410
@@ -86,6 +88,11 @@ routing_refresh_seconds = 300
 # listen address is loopback. Announcements are unauthenticated: a found peer is dialled (Noise proves its id)
 # only at a private or link-local address, and at most 32 of them.
 mdns = true
+# Relays to stay reachable through when others cannot dial this node directly (behind NAT), as full multiaddrs
+# ending in /p2p/<peer id>; they must run with relay_service. docs/nat.md.
+relays = []
+# Relay circuits for nodes that cannot be dialled directly (same as --relay-service). Costs bandwidth.
+relay_service = false
 
 [limits]
 # What one peer, and all peers together, may hold of this node (node/net/limits.py: libp2p's resource manager,
@@ -287,7 +294,15 @@ def load_config_file(path: Path, base: NodeConfig) -> NodeConfig:
 
 def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
     known = {
-        "network": {"listen", "bootstrap", "bootstrap_retry_max_seconds", "routing_refresh_seconds", "mdns"},
+        "network": {
+            "listen",
+            "bootstrap",
+            "bootstrap_retry_max_seconds",
+            "routing_refresh_seconds",
+            "mdns",
+            "relays",
+            "relay_service",
+        },
         "api": {"listen"},
         "provide": {"enabled", "max_jobs", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
@@ -310,7 +325,8 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
     number = (int, float)
     listen = _get(net, "listen", list, "network", list(base.listen))
     bootstrap = _get(net, "bootstrap", list, "network", list(base.bootstrap))
-    for name, values in (("network.listen", listen), ("network.bootstrap", bootstrap)):
+    relays = _get(net, "relays", list, "network", list(base.relays))
+    for name, values in (("network.listen", listen), ("network.bootstrap", bootstrap), ("network.relays", relays)):
         if not all(isinstance(v, str) for v in values):
             raise ConfigError(f"{path}: {name} must be a list of multiaddr strings")
     api_host, api_port = base.api_host, base.api_port
@@ -330,6 +346,8 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         listen=tuple(listen),
         bootstrap=tuple(bootstrap),
         mdns=_get(net, "mdns", bool, "network", base.mdns),
+        relays=tuple(relays),
+        relay_service=_get(net, "relay_service", bool, "network", base.relay_service),
         net_limits=_net_limits(raw.get("limits", {}), base.net_limits),
         api_host=api_host,
         api_port=api_port,

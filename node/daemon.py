@@ -47,6 +47,7 @@ from node.market.provider import ProviderService
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel
 from node.metrics import NodeMetrics
 from node.owner import OwnerService, load_source
+from node.relays import RelayKeeper
 from node.reputation.records import RecordStore
 from node.reputation.service import ReputationService
 from node.sandbox.doctor import collect_facts
@@ -189,6 +190,7 @@ class Node:
         self.started_at = trio.current_time()
         self.bootstrap = [BootstrapState(a) for a in config.bootstrap]
         self.lan = LanJoiner(host, say=self.say)  # peers found by mDNS
+        self.relays = RelayKeeper(host, config.relays, retry_max_s=config.bootstrap_retry_max_seconds, say=self.say)
         self.ad_state = AdState()
         self.capacity: MachineCapacity | None = None
         self._nvml = nvml_from_env(os.environ)
@@ -341,6 +343,7 @@ class Node:
             except RemoteProtocolError as exc:
                 logger.debug("ad of %s refused: %s", peer_id, exc)
                 return
+            self.host.learn_circuits(peer_id, verified.ad.addrs)  # relayed addresses, for when a direct dial fails
             if ad_matches(verified.ad, query):
                 found[peer_id] = ad_to_json(verified.ad, expires_at_ms=verified.envelope.expires_at)
 
@@ -420,6 +423,7 @@ class Node:
             if self.config.provide
             else None,
             "mdns": self.lan.status(),
+            "reach": self.relays.status(relay_service=self.config.relay_service),
             "bootstrap": [
                 {"address": b.address, "state": b.state, "attempts": b.attempts, "last_error": b.last_error}
                 for b in self.bootstrap
@@ -458,6 +462,7 @@ async def run_node(config: NodeConfig, identity: Identity, *, out: TextIO = sys.
             dht_select=select,
             gossip_topics={REPUTATION_TOPIC: reputation.validate_gossip},
             mdns=config.mdns,
+            relay_service=config.relay_service,
             limits=net.NetLimits(**dict(config.net_limits)),  # type: ignore[arg-type]
         ) as host:
             reputation.host = host
@@ -516,6 +521,7 @@ async def _serve(
             for state in node.bootstrap:
                 nursery.start_soon(node.keep_bootstrap_peer, state)
             nursery.start_soon(node.lan.serve)
+            nursery.start_soon(node.relays.serve)
             node.say(f"LAN discovery (mDNS): {host.mdns_state}")
             if not config.bootstrap:
                 node.say("no bootstrap peers: running as a one-node network that others can join")

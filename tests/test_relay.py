@@ -2,16 +2,20 @@
 per peer), before it is wired into the adapter (docs/nat.md): a private node reserves a slot at a relay, and
 another node dials it through the relay and talks to it over a stream.
 
-This pins the library's behaviour that the wiring will rely on; it does not test Coop code (none uses the relay
-yet), and on loopback it cannot show that no direct path existed: the netns test comes with the wiring.
+The first test pins the library's behaviour that node/net/relay.py relies on. The second (slow) is the daemon's:
+in network namespaces, a provider the client cannot dial runs the client's job through a relay node.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 
 import multiaddr
+import pytest
 import trio
 from libp2p import new_host
 from libp2p.abc import IHost, INetStream
@@ -29,6 +33,10 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
+
+from scripts.cluster import node_config, node_env
+from scripts.netns import Netns, prefix_for, unavailable_reason
+from tests.cluster import Launcher, NodeProcess, wait_until
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 ECHO = TProtocol("/coop-test/echo/1.0.0")
@@ -90,3 +98,61 @@ async def test_a_reserved_node_is_reached_through_the_relay() -> None:
             await stream.write(b"hi")
             assert await stream.read(100) == b"echo:hi"
             await stream.close()
+
+
+def _node_in(network: Netns, index: int, base: Path, launcher: Launcher, args: list[str]) -> NodeProcess:
+    where = network.node(index)
+    data_dir = base / f"relay{index}"
+    data_dir.mkdir()
+    (data_dir / "config.toml").write_text(node_config(refresh=1, ttl=3, host=where.address, api_host=where.api_host))
+    program = where.wrap([sys.executable, "-m", "node"])
+    node = NodeProcess(data_dir=data_dir, env=node_env(), args=["--no-mdns", *args], program=program)
+    launcher.nodes.append(node)
+    return node
+
+
+@pytest.mark.slow
+async def test_a_provider_that_cannot_be_dialled_runs_a_job_through_a_relay(tmp_path: Path, launcher: Launcher) -> None:
+    # One bridge, three namespaces; the client and the provider have "unreachable" routes to each other, as if
+    # each sat behind its own NAT, and both reach the relay.
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"needs network namespaces: {reason}")
+    network = await trio.to_thread.run_sync(Netns.create, prefix_for(f"relay-{tmp_path}"), 3)
+    try:
+        with trio.fail_after(180):  # three node start-ups dominate
+            for a, b in ((1, 2), (2, 1)):
+                await trio.run_process(
+                    ["ip", "-n", network.node(a).namespace, "route", "add", "unreachable", network.node(b).address]
+                )
+            relay = _node_in(network, 0, tmp_path, launcher, ["--relay-service", "--no-provide"])
+            await launcher.start(relay)
+            seed = ["--bootstrap", relay.address]
+            provider = _node_in(network, 1, tmp_path, launcher, [*seed, "--relay", relay.address])
+            client = _node_in(network, 2, tmp_path, launcher, [*seed, "--no-provide"])
+            async with trio.open_nursery() as starting:
+                starting.start_soon(launcher.start, provider)
+                starting.start_soon(launcher.start, client)
+
+            async def relayed_ad() -> bool:  # the provider holds a reservation, and its signed ad names the circuit
+                found = await client.api("GET", "/v1/find", params={"cpus": 1})
+                ads = {p["peer_id"]: p for p in found["providers"]}  # type: ignore[index]
+                return provider.peer_id in ads and any("/p2p-circuit/" in a for a in ads[provider.peer_id]["addrs"])
+
+            await wait_until(relayed_ad)
+            status = await provider.api("GET", "/v1/status")
+            assert status["reach"]["reachability"] == "private via relay"  # type: ignore[index]
+            _, _, host, _, port, *_ = provider.address.split("/")
+            probe = f"import socket; socket.create_connection(({host!r}, {port}), timeout=2)"
+            with pytest.raises(subprocess.CalledProcessError):  # no direct path from the client, really
+                await trio.run_process(network.node(2).wrap([sys.executable, "-c", probe]), capture_stderr=True)
+
+            job_id = await client.submit(["python3", "-c", "print(6*7)"])
+            job = await client.wait_job(job_id)
+            assert job["state"] == "completed", job
+            assert job["provider"] == provider.peer_id
+            assert await client.api("GET", f"/v1/jobs/{job_id}/logs") == b"42\n"
+    finally:
+        with trio.CancelScope(shield=True):
+            await launcher.kill_all()
+            await trio.to_thread.run_sync(network.destroy)

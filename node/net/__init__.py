@@ -8,6 +8,7 @@ Modules:
     lookup   :class:`LookupTrace`: a DHT lookup's queries, rounds and hops, which py-libp2p does not expose
     limits   :class:`NetLimits`: libp2p's resource manager configured, and the per-peer stream limits it lacks
     mdns     LAN discovery with libp2p's mDNS module: announcements validated, handed over as :class:`LanPeer`
+    relay    circuit relay v2: relayed connections both ways, HOP for ``relay_service``, explicit reservations
 
 Everything the rest of ``node/`` needs is re-exported here: ``from node import net`` then ``net.open_host``.
 

@@ -68,6 +68,7 @@ from node.net.gossip import (
 from node.net.limits import NetLimits, StreamLimiter, new_resource_manager
 from node.net.lookup import LookupTrace, activate, deactivate, elapsed_ms, instrument
 from node.net.mdns import LanDiscovery, all_loopback, open_mdns
+from node.net.relay import Relay, is_circuit, open_relay
 from protocol.errors import InvalidKey, ProtocolError, RemoteProtocolError
 from protocol.identity import Identity, public_key_from_peer_id
 
@@ -312,12 +313,15 @@ class NetHost:
         self.peer_id: str = host.get_id().to_base58()
         self.lan: LanDiscovery | None = None  # mDNS discovery, when running (open_host's ``mdns``)
         self.mdns_state = "off"  # "on", "off", or "off: <why>"
+        self.relay: Relay | None = None  # circuit relay v2 roles (open_host's ``relay_service`` adds HOP)
+        self._circuits: dict[str, tuple[str, ...]] = {}  # peer id -> its relayed addresses (from its signed ad)
 
     # Connections
 
     def addrs(self) -> list[str]:
-        """Our listen addresses as full multiaddrs ending in ``/p2p/<peer id>``."""
-        return [str(addr) for addr in self._host.get_addrs()]
+        """Our listen addresses as full multiaddrs ending in ``/p2p/<peer id>``, then our relayed addresses."""
+        relayed = list(self.relay.reserved.values()) if self.relay is not None else []
+        return [str(addr) for addr in self._host.get_addrs()] + relayed
 
     def connected_peers(self) -> list[str]:
         """Peer ids we hold a connection to."""
@@ -332,6 +336,8 @@ class NetHost:
             InvalidAddress: ``address`` is not a multiaddr ending in ``/p2p/<Ed25519 peer id>``.
             DialError: the peer could not be reached, or the handshake failed (including a wrong identity).
         """
+        if is_circuit(address):
+            return await self._connect_circuit(address)
         try:
             info = info_from_p2p_addr(multiaddr.Multiaddr(address))
         except (multiaddr.exceptions.Error, ValueError) as exc:
@@ -349,6 +355,40 @@ class NetHost:
             self._counters.dials_failed += 1
             raise DialError(f"could not connect to {address}: {_root_reason(exc)}") from exc
         return peer_id
+
+    async def _connect_circuit(self, address: str) -> str:
+        peer_id = address.rsplit("/p2p/", 1)[-1]
+        pid = _parse_peer_id(peer_id)
+        if peer_id == self.peer_id or self.relay is None:
+            raise DialError(f"cannot dial {address} through a relay")
+        if pid in self._host.get_connected_peers():
+            return peer_id
+        try:
+            await self.relay.dial(address)
+        except (ConnectionError, BaseLibp2pError, OSError, ValueError, *_STREAM_ERRORS) as exc:
+            self._counters.dials_failed += 1
+            raise DialError(f"could not connect to {address} through the relay: {_root_reason(exc)}") from exc
+        return peer_id
+
+    def learn_circuits(self, peer_id: str, addrs: Sequence[str]) -> None:
+        """Remember ``peer_id``'s relayed addresses (from its verified ad): :meth:`open_stream` falls back to them."""
+        circuits = tuple(a for a in addrs if is_circuit(a) and a.endswith(f"/p2p/{peer_id}"))[:4]
+        if circuits and (peer_id in self._circuits or len(self._circuits) < 1024):
+            self._circuits[peer_id] = circuits
+
+    async def reserve_relay(self, address: str) -> str:
+        """Connect to the relay at ``address`` and reserve a slot; return our relayed address through it.
+
+        Raises:
+            InvalidAddress, DialError: as :meth:`connect`; DialError also when the relay refuses a reservation.
+        """
+        relay_peer = await self.connect(address)
+        if self.relay is None:
+            raise DialError("this host runs no relay client")
+        try:
+            return await self.relay.reserve(relay_peer, address)
+        except (ConnectionError, BaseLibp2pError, *_STREAM_ERRORS) as exc:
+            raise DialError(f"no reservation at {address}: {_root_reason(exc)}") from exc
 
     async def close_all_connections(self) -> None:
         """Close every connection (used on shutdown, so peers notice at once).
@@ -421,14 +461,30 @@ class NetHost:
             StreamOpenError: the peer refused the protocol or the connection broke during negotiation.
         """
         pid = _parse_peer_id(peer_id)
-        try:
-            raw = await self._host.new_stream(pid, [TProtocol(protocol_id)])
-        except SwarmException as exc:
-            raise DialError(f"could not open a stream to {peer_id}: {_root_reason(exc)}") from exc
-        except BaseLibp2pError as exc:
-            raise StreamOpenError(f"{peer_id} did not accept {protocol_id}: {_root_reason(exc)}") from exc
+        relayed = False
+        while True:
+            try:
+                raw = await self._host.new_stream(pid, [TProtocol(protocol_id)])
+                break
+            except SwarmException as exc:  # not reachable directly: through a relay, once, if it has an address
+                if relayed or not await self._reach_through_relay(peer_id):
+                    raise DialError(f"could not open a stream to {peer_id}: {_root_reason(exc)}") from exc
+                relayed = True
+            except BaseLibp2pError as exc:
+                raise StreamOpenError(f"{peer_id} did not accept {protocol_id}: {_root_reason(exc)}") from exc
         self._counters.streams_opened += 1
         return NetStream(raw, protocol_id, self._counters)
+
+    async def _reach_through_relay(self, peer_id: str) -> bool:
+        """After a failed direct dial: connect through one of the peer's relayed addresses, if any works."""
+        for address in self._circuits.get(peer_id, ()):
+            try:
+                await self._connect_circuit(address)
+            except NetError as exc:
+                logger.debug("relayed dial of %s failed: %s", peer_id, exc)
+                continue
+            return True
+        return False
 
     # DHT
 
@@ -644,6 +700,7 @@ async def open_host(
     gossip_topics: Mapping[str, TopicValidator] | None = None,
     mdns: bool = False,
     limits: NetLimits | None = None,
+    relay_service: bool = False,
 ) -> AsyncIterator[NetHost]:
     """Run a libp2p host (TCP, Noise only, Yamux) with a server-mode Kademlia DHT, and GossipSub if asked.
 
@@ -661,6 +718,8 @@ async def open_host(
             candidates arrive on ``NetHost.lan.peers`` and are not dialled here. Skipped when every listen address
             is loopback (``NetHost.mdns_state`` says so) or when zeroconf cannot open its sockets.
         limits: connection and stream limits (:class:`NetLimits`; its defaults if None).
+        relay_service: also relay circuits for others (circuit relay v2 HOP, ``node/net/relay.py``). Every host
+            can be reached through a relay and dial through one.
 
     Yields:
         The running host, subscribed to every gossip topic. Leaving the block closes every connection and stops
@@ -714,6 +773,7 @@ async def open_host(
                 if gossip is not None:
                     await stack.enter_async_context(gossip.run())
                 net_host = NetHost(host, dht, validator, gossip, counters, limits=limits, resources=resources)
+                net_host.relay = await stack.enter_async_context(open_relay(host, hop=relay_service))
                 if mdns and all_loopback(list(listen)):
                     net_host.mdns_state = "off: listening on loopback only"
                 elif mdns:
