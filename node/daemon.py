@@ -520,6 +520,7 @@ async def _serve(
             node.say(f"local API on {url} (token in {config.data_dir / API_FILE})")
             for state in node.bootstrap:
                 nursery.start_soon(node.keep_bootstrap_peer, state)
+            nursery.start_soon(net.keep_routing_table, host)  # a join's refresh can come back empty under load
             nursery.start_soon(node.lan.serve)
             nursery.start_soon(node.relays.serve)
             node.say(f"LAN discovery (mDNS): {host.mdns_state}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import AsyncExitStack
+from functools import partial
 
 import trio
 
-from node.net import LookupTrace, NetHost, open_host
+from node.net import LookupTrace, NetHost, keep_routing_table, open_host
 from protocol.identity import Identity
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -54,3 +55,24 @@ async def test_trace_counts_the_hops_of_a_walk_that_starts_from_one_peer() -> No
             assert await c.find_providers(key, 5, trace=near) == [d.peer_id]
             assert near.hops == 1
             assert near.queried >= 1
+
+
+async def test_keep_routing_table_fills_a_table_left_short_by_the_join() -> None:
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            hosts: list[NetHost] = [
+                await stack.enter_async_context(open_host(seed=Identity.generate().seed(), listen=LOOPBACK))
+                for _ in range(5)
+            ]
+            a, b, *others = hosts
+            for host in others:
+                assert await host.bootstrap(b.addrs()) == 1
+            # `a` only dials b, like a join whose routing-table refresh came back empty: its table stays short.
+            await a.connect(b.addrs()[0])
+            assert a.routing_table_size() < 3
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(keep_routing_table, a, min_peers=3, first_delay_s=0.05))
+                while a.routing_table_size() < 3:  # noqa: ASYNC110 (libp2p's routing table has no change event)
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+            assert set(a.routing_table_peers()) >= {b.peer_id}

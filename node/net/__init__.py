@@ -5,7 +5,8 @@ Modules:
              and :func:`open_host` (the rules and the workarounds for libp2p's traps are below)
     gossip   GossipSub tuned for 10-100 nodes, validators at the boundary, bounded inboxes
     common   limits, typed errors, counters
-    lookup   :class:`LookupTrace`: a DHT lookup's queries, rounds and hops, which py-libp2p does not expose
+    lookup   :class:`LookupTrace`: a DHT lookup's queries, rounds and hops, which py-libp2p does not expose;
+             :func:`keep_routing_table` refreshes a routing table that stays short after the join
     limits   :class:`NetLimits`: libp2p's resource manager configured, and the per-peer stream limits it lacks
     mdns     LAN discovery with libp2p's mDNS module: announcements validated, handed over as :class:`LanPeer`
     relay    circuit relay v2: relayed connections both ways, HOP for ``relay_service``, explicit reservations
@@ -88,7 +89,7 @@ from node.net.common import (
 from node.net.gossip import _GossipInbox
 from node.net.host import NetHost, NetStream, configure_libp2p_logging, open_host, receive_frame, send_frame
 from node.net.limits import NetLimits
-from node.net.lookup import LookupTrace
+from node.net.lookup import LookupTrace, keep_routing_table
 from node.net.mdns import LanDiscovery, LanPeer, MdnsStatistics
 
 __all__ = [
@@ -115,6 +116,7 @@ __all__ = [
     "_Counters",
     "_GossipInbox",
     "configure_libp2p_logging",
+    "keep_routing_table",
     "open_host",
     "receive_frame",
     "send_frame",

@@ -1,4 +1,4 @@
-"""Counting the hops of a DHT lookup, which py-libp2p 0.8.1 does not expose.
+"""Counting the hops of a DHT lookup, which py-libp2p 0.8.1 does not expose; keeping a short routing table filled.
 
 ``PeerRouting.find_closest_peers_network`` (the iterative FIND_NODE walk under ``find_providers`` and
 ``get_value``) keeps its round and query counts in locals and only logs them at INFO. So :func:`instrument` wraps
@@ -21,9 +21,13 @@ import contextvars
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+import trio
 from libp2p.peer.id import ID
+
+if TYPE_CHECKING:
+    from node.net.host import NetHost
 
 _CURRENT: Final = contextvars.ContextVar["LookupTrace | None"]("coop_lookup_trace", default=None)
 
@@ -112,3 +116,29 @@ def instrument(peer_routing: Any) -> None:
 
 def elapsed_ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000
+
+
+ROUTING_TABLE_MIN_PEERS: Final = 5  # below this, a node keeps refreshing its routing table (with back-off)
+
+
+async def keep_routing_table(
+    host: NetHost, *, min_peers: int = ROUTING_TABLE_MIN_PEERS, first_delay_s: float = 5.0, max_delay_s: float = 60.0
+) -> None:
+    """Refresh the routing table again, backing off, while it holds fewer than ``min_peers`` peers. Runs forever.
+
+    A node refreshes its table once, when it joins (``NetHost.bootstrap``). On a loaded machine that refresh can
+    come back empty (every FIND_NODE past py-libp2p's 10 s timeout), and the node then kept its bootstrap peer
+    alone for good: at N = 100 on 2 cores, finds from such nodes queried that one peer and found 0-1 of 99
+    providers (docs/benchmarks.md, "Discovery"). py-libp2p refreshes on its own only every 10 minutes. The delay
+    doubles after each refresh that leaves the table short, up to ``max_delay_s``, and starts over once it is not.
+    A node with no connections has nobody to ask and just waits.
+    """
+    delay = first_delay_s
+    while True:
+        await trio.sleep(delay)
+        if host.routing_table_size() >= min_peers:
+            delay = first_delay_s
+            continue
+        if host.connected_peers():
+            await host._dht.refresh_routing_table()
+        delay = min(delay * 2, max_delay_s)
