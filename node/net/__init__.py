@@ -10,6 +10,7 @@ Modules:
     limits   :class:`NetLimits`: libp2p's resource manager configured, and the per-peer stream limits it lacks
     mdns     LAN discovery with libp2p's mDNS module: announcements validated, handed over as :class:`LanPeer`
     relay    circuit relay v2: relayed connections both ways, HOP for ``relay_service``, explicit reservations
+    stream   :class:`NetStream` (typed errors) and length-prefixed frames (:func:`send_frame`, :func:`receive_frame`)
 
 Everything the rest of ``node/`` needs is re-exported here: ``from node import net`` then ``net.open_host``.
 
@@ -87,10 +88,11 @@ from node.net.common import (
     _Counters,
 )
 from node.net.gossip import _GossipInbox
-from node.net.host import NetHost, NetStream, configure_libp2p_logging, open_host, receive_frame, send_frame
+from node.net.host import NetHost, configure_libp2p_logging, open_host
 from node.net.limits import NetLimits
 from node.net.lookup import LookupTrace, keep_routing_table
 from node.net.mdns import LanDiscovery, LanPeer, MdnsStatistics
+from node.net.stream import NetStream, receive_frame, send_frame
 
 __all__ = [
     "FRAME_HEADER",
