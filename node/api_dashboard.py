@@ -40,7 +40,7 @@ STATIC_FILES: Final = {"index.html": "text/html", "app.js": "text/javascript", "
 CODE_TTL_S: Final = 120.0
 MAX_CODES: Final = 16
 MAX_SESSION_BODY_BYTES: Final = 1024
-NETWORK_CACHE_S: Final = 3.0
+NETWORK_CACHE_S: Final = 10.0  # provider ads live 120 s; a DHT walk per page refresh is waste
 MAX_QUOTES: Final = 2000
 MAX_TRUST_RECORDS: Final = 5000
 # The page runs only its own files: no inline script, nothing from elsewhere, no framing.
@@ -96,6 +96,7 @@ def dashboard_routes(
 ) -> list[Route]:
     """The dashboard's routes. ``node`` is the daemon's Node (its ``find``, ``api_peers``, ``api_status``)."""
     cache: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+    walk = trio.Lock()  # one DHT walk at a time: an open dashboard (or several) must not swamp the node
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers=PAGE_HEADERS)
@@ -125,13 +126,13 @@ def dashboard_routes(
         return JSONResponse({"token": token}, headers={"Cache-Control": "no-store"})
 
     async def providers() -> list[dict[str, Any]]:
-        now = trio.current_time()
-        cached = cache.get("providers")
-        if cached is not None and now - cached[0] < NETWORK_CACHE_S:
-            return cached[1]
-        found: list[dict[str, Any]] = await node.find(FindQuery(cpus=0, limit=500))
-        cache["providers"] = (now, found)
-        return found
+        async with walk:
+            cached = cache.get("providers")
+            if cached is not None and trio.current_time() - cached[0] < NETWORK_CACHE_S:
+                return cached[1]
+            found: list[dict[str, Any]] = await node.find(FindQuery(cpus=0, limit=500))
+            cache["providers"] = (trio.current_time(), found)
+            return found
 
     async def network(request: Request) -> Response:
         found = await providers()

@@ -65,7 +65,10 @@ class Page:
         return result["result"].get("value")
 
     async def wait_for(self, expression: str) -> Any:
-        """Poll a JS expression until it is truthy (the caller bounds the time with fail_after)."""
+        """Poll a JS expression until its value is truthy in Python (the caller bounds the time with fail_after).
+
+        A DOM node comes back as ``{}``, which Python finds false: ask for ``!!node`` or a property instead.
+        """
 
         async def check() -> Any:
             try:

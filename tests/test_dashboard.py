@@ -141,7 +141,7 @@ def metric_samples(text: str) -> dict[str, float]:
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (Debian's chromium package; scripts/setup)")
 async def test_dashboard_in_headless_chromium(launcher, tmp_path):
     assert CHROMIUM is not None
-    with trio.fail_after(240):
+    with trio.fail_after(300):
         p0 = launcher.make("p0", per_cpu_second=10, ttl=20)
         await launcher.start(p0)
         p1 = launcher.make("p1", bootstrap=[p0.address], per_cpu_second=14, ttl=20)
@@ -192,7 +192,10 @@ async def test_dashboard_in_headless_chromium(launcher, tmp_path):
             jobs = await client.api("GET", "/v1/jobs")
             job_id = jobs["jobs"][0]["job_id"]
             selector = f'#jobs tr[data-job="{job_id}"]'
-            await page.wait_for(f"document.querySelector('{selector} .state-completed')")
+            with trio.move_on_after(120):
+                await page.wait_for(f"!!document.querySelector('{selector} .state-completed')")
+            summary = await page.eval("document.querySelector('#summary').textContent")
+            assert await page.eval(f"!!document.querySelector('{selector} .state-completed')"), summary
             await page.eval(f"document.querySelector('{selector}').click()")
             logs = await page.wait_for("document.querySelector('#log-stdout').dataset.done &&"
                                        " document.querySelector('#log-stdout').textContent")  # fmt: skip

@@ -5,7 +5,7 @@
 const TOKEN_KEY = "coop-token";
 const REFRESH_MS = 2000;
 const COLORS = ["#2f6fdd", "#e0a100", "#2b8a3e", "#c8372d", "#7b4bd6", "#0f9aa8", "#8a5a2b"];
-const state = { selectedJob: null, logAbort: null, selectedPeer: null, timer: null };
+const state = { selectedJob: null, logAbort: null, selectedPeer: null, timer: null };  // timer: refreshing
 
 function $(id) { return document.getElementById(id); }
 
@@ -64,8 +64,7 @@ async function redeemCode() {
 
 function showLogin(message) {
   sessionStorage.removeItem(TOKEN_KEY);
-  if (state.timer) clearInterval(state.timer);
-  state.timer = null;
+  state.timer = null;  // stops loop()
   $("app").hidden = true;
   $("logout").hidden = true;
   $("login").hidden = false;
@@ -84,8 +83,18 @@ async function login(token) {
   $("app").hidden = false;
   $("logout").hidden = false;
   document.body.dataset.loggedIn = "1";
-  await refresh();
-  state.timer = setInterval(refresh, REFRESH_MS);
+  if (!state.timer) {
+    state.timer = true;
+    loop();
+  }
+}
+
+// The next refresh starts REFRESH_MS after the last one ended: a slow node gets fewer requests, never a pile-up.
+async function loop() {
+  while (state.timer) {
+    await refresh();
+    await new Promise((resolve) => setTimeout(resolve, REFRESH_MS));
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ views
