@@ -45,7 +45,7 @@ from scripts.cluster import Cluster, NodeInfo
 
 START_TIMEOUT_S = 900.0
 CONVERGE_TIMEOUT_S = 300.0
-FIGURES = ["walk_ms", "total_ms", "find_ms", "hops", "rounds", "queried", "provider_queries", "found"]
+FIGURES = ["walk_ms", "total_ms", "find_ms", "hops", "rounds", "queried", "provider_queries", "providers", "found"]
 
 
 def rss_mib(node: NodeInfo) -> float:
