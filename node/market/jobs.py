@@ -290,6 +290,11 @@ class JobManager:
                 self._set(job_id, state="failed", error=f"internal error: {type(exc).__name__}: {exc}")
         self._scopes.pop(job_id, None)
         self.queue.done(job_id)
+        if scope.cancelled_caught:  # cancelled by the user (a shutdown never gets here): close what was running
+            for attempt in self.store.attempts(job_id):
+                if attempt.ended_ms is None:
+                    self.store.end_attempt(job_id, attempt.attempt, outcome="cancelled", now_ms=self.clock_ms(),
+                                           reason="cancelled by the user")  # fmt: skip
 
     async def _attempts(self, job_id: str) -> None:
         row = self.store.get_job(job_id, "client")
