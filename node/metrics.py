@@ -85,10 +85,15 @@ def _net_metrics(s: NetStatistics) -> Iterator[Metric]:
     yield CounterMetricFamily("coop_dht_records_rejected", "DHT records refused on re-validation",
                               value=s.dht_records_rejected)  # fmt: skip
     yield CounterMetricFamily("coop_dials_failed", "Outbound dials that failed", value=s.dials_failed)
-    streams = CounterMetricFamily("coop_streams", "libp2p streams by direction", labels=["direction"])
+    streams = CounterMetricFamily("coop_streams", "libp2p streams by what happened to them", labels=["event"])
     streams.add_metric(["opened"], s.streams_opened)
     streams.add_metric(["accepted"], s.streams_accepted)
+    streams.add_metric(["dropped"], s.streams_dropped)  # the handler raised: the peer sent garbage
+    streams.add_metric(["limited"], s.streams_limited)  # the peer was over its per-peer stream limit
     yield streams
+    yield CounterMetricFamily("coop_frames_too_large", "Inbound frames over their cap", value=s.frames_too_large)
+    yield CounterMetricFamily("coop_connections_refused", "Connections refused by the resource manager",
+                              value=s.connections_refused)  # fmt: skip
     refused = CounterMetricFamily("coop_refused_frames", "Inbound streams refused, by reason", labels=["reason"])
     for reason, count in sorted(s.refused.items()):
         refused.add_metric([reason], count)

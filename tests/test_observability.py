@@ -23,7 +23,7 @@ TOKEN = "secret-token"
 
 def net_stats():
     counts = {"connected_peers": 3, "routing_table_size": 5, "dht_records_rejected": 4, "gossip_received": 11,
-              "streams_opened": 7, "streams_accepted": 9}  # fmt: skip
+              "streams_opened": 7, "streams_accepted": 9, "streams_limited": 2, "connections_refused": 5}  # fmt: skip
     values = {f.name: counts.get(f.name, 0) for f in dataclasses.fields(NetStatistics)}
     return NetStatistics(**(values | {"refused": {"oversized": 2, "bad-signature": 1}}))
 
@@ -66,6 +66,8 @@ def test_metrics_read_jobs_kills_and_network_counters_at_scrape_time(store):
     assert got[("coop_refused_frames_total", (("reason", "oversized"),))] == 2
     assert got[("coop_gossip_messages_total", (("event", "received"),))] == 11
     assert got[("coop_dht_records_rejected_total", ())] == 4
+    assert got[("coop_streams_total", (("event", "limited"),))] == 2
+    assert got[("coop_connections_refused_total", ())] == 5
     assert got[("coop_reputation_rejected_total", (("reason", "bad-signature"),))] == 2
     assert got[("coop_quote_latency_seconds_count", ())] == 1
     assert got[("coop_quote_latency_seconds_bucket", (("le", "0.025"),))] == 1
