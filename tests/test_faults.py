@@ -322,7 +322,7 @@ async def test_provider_restarts_during_input_execution_and_result_return_lose_n
         jobs = {}
         for step, command, fields in (
             ("input", ["python3", "-c", read_input], {"inputs": [{"name": "in.bin", "data_b64": data_b64}]}),
-            ("running", ["python3", "-c", SLOW_JOB], {}),
+            ("running", ["python3", "-c", SLOW_JOB.replace("sleep(2)", "sleep(6)")], {}),
             ("output", ["python3", "-c", write_output], {"outputs": ["out.bin"], "output_bytes": 2 * big}),
         ):
             job_id = await client.submit(command, timeout=30, memory_bytes=256 << 20, **fields)

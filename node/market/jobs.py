@@ -188,6 +188,10 @@ class JobManager:
             for row in self.store.unfinished_jobs("provider"):
                 self.store.update_job(row.job_id, "provider", now_ms=now, state="failed",
                                       error="this node restarted while running the job; it was killed")  # fmt: skip
+                for attempt in self.store.attempts(row.job_id, "provider"):
+                    if attempt.ended_ms is None:
+                        self.store.end_attempt(row.job_id, attempt.attempt, outcome="failed", now_ms=now,
+                                               role="provider", reason="this node restarted")  # fmt: skip
             for row in self.store.unfinished_jobs("client"):
                 paid = self.store.get_receipt(row.job_id)  # the run that ended in it finished (see _exchange)
                 for attempt in self.store.attempts(row.job_id):
