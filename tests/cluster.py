@@ -1,41 +1,30 @@
-"""Real `node start` processes on 127.0.0.1 for multi-process tests.
+"""Real `node start` processes on 127.0.0.1 (or in network namespaces) for multi-process tests.
 
 Each node gets its own data dir, a config with a fast ad cadence, port 0 for libp2p and the API, and is
 considered started when it prints ``coop: ready`` (read from its stdout: no sleeping).
+
+This is the trio face of the one harness: what a node is (config.toml, environment, command line) comes from
+scripts/cluster.py (:func:`~scripts.cluster.node_config`, ``node_env``, ``node_argv``), and a node started with
+``net=`` (a :class:`~scripts.netns.NodeNet` of an :func:`open_netns` network) runs in its own namespace, listening
+on its bridge address, with its API on the harness's API network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import trio
 
-FAST_CONFIG = """\
-[network]
-listen = ["/ip4/127.0.0.1/tcp/0"]
-bootstrap_retry_max_seconds = 2
-
-[api]
-listen = "127.0.0.1:0"
-
-[provide]
-ad_refresh_seconds = {refresh}
-ad_ttl_seconds = {ttl}
-clock_skew_seconds = {skew}
-
-[pricing]
-per_cpu_second = {per_cpu_second}
-
-[trust]
-sync_interval_seconds = {sync_interval}
-"""
+from scripts.cluster import node_argv, node_config, node_env
+from scripts.netns import Netns, NodeNet, prefix_for
 
 
 @dataclass
@@ -44,6 +33,7 @@ class NodeProcess:
     env: dict[str, str]
     args: list[str]
     program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "node"])
+    net: NodeNet | None = None  # run in this network namespace
     process: trio.Process | None = None
     lines: list[str] = field(default_factory=list)
     ready: trio.Event = field(default_factory=trio.Event)
@@ -76,7 +66,7 @@ class NodeProcess:
         self.ready = trio.Event()
         self.exited = trio.Event()
         self.lines = []
-        cmd = [*self.program, "start", "--data-dir", str(self.data_dir), *self.args]
+        cmd = node_argv(self.data_dir, extra_args=self.args, program=self.program, net=self.net)
         self.process = await trio.lowlevel.open_process(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env
         )
@@ -150,17 +140,33 @@ def make_node(
     per_cpu_second: int = 10,
     sync_interval: float = 1,
     program: list[str] | None = None,
+    net: NodeNet | None = None,
 ) -> NodeProcess:
     data_dir = base / name
     data_dir.mkdir(parents=True, exist_ok=True)
-    config = FAST_CONFIG.format(
-        refresh=refresh, ttl=ttl, skew=skew, per_cpu_second=per_cpu_second, sync_interval=sync_interval
+    hosts = {"host": net.address, "api_host": net.api_host} if net else {}
+    config = node_config(
+        refresh=refresh, ttl=ttl, skew=skew, per_cpu_second=per_cpu_second, sync_interval=sync_interval, **hosts
     )
     (data_dir / "config.toml").write_text(config)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COOP_")}
-    env |= {"PYTHONUNBUFFERED": "1", **(extra_env or {})}
     args = [arg for b in bootstrap for arg in ("--bootstrap", b)] + list(extra_args)
-    return NodeProcess(data_dir=data_dir, env=env, args=args, program=program or [sys.executable, "-m", "node"])
+    program = program or [sys.executable, "-m", "node"]
+    return NodeProcess(data_dir=data_dir, env=node_env(extra_env), args=args, program=program, net=net)
+
+
+@contextlib.asynccontextmanager
+async def open_netns(base: Path, size: int) -> AsyncIterator[Netns]:
+    """Network namespaces for ``size`` nodes (scripts/netns.py), named from ``base``; removed on the way out.
+
+    Pass ``net=network.node(i)`` to :func:`make_node` / :meth:`Launcher.make`. Stop the nodes first, or their
+    namespaces outlive the removal until they exit. Raises ``NetnsError`` where namespaces cannot be made.
+    """
+    network = await trio.to_thread.run_sync(Netns.create, prefix_for(str(base)), size)
+    try:
+        yield network
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(network.destroy)
 
 
 class Launcher:
