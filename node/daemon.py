@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -46,6 +46,7 @@ from node.market.jobs import JobManager
 from node.market.provider import ProviderService
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel
 from node.metrics import NodeMetrics
+from node.net.liveness import PeerKeeper, keep_peers
 from node.owner import OwnerService, load_source
 from node.relays import RelayKeeper
 from node.reputation.records import RecordStore
@@ -200,6 +201,7 @@ class Node:
         self.jobs: JobManager | None = None
         self.store: Store | None = None
         self.reputation: ReputationService | None = None
+        self.peer_keeper: PeerKeeper | None = None
         self.owner: OwnerService | None = None  # the owner policy (providers only)
         self.metrics: NodeMetrics | None = None
         self.login_codes: LoginCodes | None = None
@@ -257,7 +259,10 @@ class Node:
         """Connect to one bootstrap peer and stay connected; back off while it is down."""
         delay = 1.0
         while True:
-            if state.peer_id is None or state.peer_id not in self.host.connected_peers():
+            lost = self.peer_keeper is not None and state.peer_id in self.peer_keeper.lost
+            # A lost peer is the PeerKeeper's to redial (bounded, then blocked again): a dial of our own would
+            # lift its negative-cache entry and hang on an unreachable address, and DHT walks would wait on it.
+            if not lost and (state.peer_id is None or state.peer_id not in self.host.connected_peers()):
                 state.attempts += 1
                 try:
                     state.peer_id = await self.host.connect(state.address)
@@ -396,6 +401,7 @@ class Node:
             "routing_table_size": stats.routing_table_size,
             "refused_streams": stats.refused,
             "limits": {"streams_limited": stats.streams_limited, "connections_refused": stats.connections_refused},
+            "liveness": asdict(self.peer_keeper.statistics()) if self.peer_keeper else None,
             "gossip": {
                 "received": stats.gossip_received,
                 "rejected": stats.gossip_rejected,
@@ -528,6 +534,8 @@ async def _serve(
                 node.say("no bootstrap peers: running as a one-node network that others can join")
             nursery.start_soon(reputation.consume_gossip)
             nursery.start_soon(reputation.sync_forever)
+            node.peer_keeper = PeerKeeper(host, redial_max_s=config.bootstrap_retry_max_seconds)
+            nursery.start_soon(keep_peers, node.peer_keeper)  # silent peers dropped, lost ones redialed
             await nursery.start(node.jobs.serve)
             if provider is not None:
                 assert node.owner is not None
