@@ -223,6 +223,8 @@ class Netns:
             name = line.split(":")[1].strip().split("@")[0]
             if name.startswith("data") and name != "data0":
                 _ip("-n", self.hub, "link", "del", name)
+        for i in range(self.size):  # ARP entries that failed during the cut would delay the first packets
+            _ip("-n", self.node(i).namespace, "neigh", "flush", "dev", "eth0", check=False)
 
     def destroy(self) -> None:
         """Delete everything this network created (also fine if part or all of it is already gone)."""
