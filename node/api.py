@@ -27,6 +27,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from protocol.messages import runtime_name_ok
+
 API_VERSION: Final = "v1"
 TOKEN_BYTES: Final = 32
 MAX_INT_PARAM_CHARS: Final = 20  # int() of a longer digit string is slow, and past 4300 digits a ValueError
@@ -48,6 +50,8 @@ class FindQuery:
     gpus: int = 0
     gpu_model: str = ""
     limit: int = 50
+    runtime: str = ""  # only providers offering this runtime (node.runtimes); empty: any
+    runtime_sha256: bytes = b""  # ... with exactly this lock hash
 
 
 class ApiBackend(Protocol):
@@ -86,12 +90,16 @@ def parse_find_query(request: Request) -> FindQuery:
     model = request.query_params.get("gpu_model", "")
     if len(model) > 128:
         raise BadQuery("gpu_model is too long")
+    runtime = request.query_params.get("runtime", "")
+    if runtime and not runtime_name_ok(runtime):
+        raise BadQuery("runtime must be 1-32 of a-z, 0-9, '.', '_', '-'")
     return FindQuery(
         cpus=_int_param(request, "cpus", 1, maximum=4096),
         memory_bytes=_int_param(request, "memory", 0, maximum=1 << 50),
         gpus=_int_param(request, "gpus", 0, maximum=64),
         gpu_model=model,
         limit=_int_param(request, "limit", 50, maximum=500),
+        runtime=runtime,
     )
 
 

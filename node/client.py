@@ -32,6 +32,7 @@ import anyio  # httpx's own dependency; under trio, anyio.current_time() is trio
 import httpx
 from tqdm import tqdm
 
+from node import functions
 from node.config import API_FILE, default_data_dir
 
 TERMINAL_STATES: Final = frozenset({"completed", "failed", "cancelled"})
@@ -48,7 +49,7 @@ SIZE_UNITS: Final = {
 
 Size: TypeAlias = str | int
 InputSource: TypeAlias = str | os.PathLike[str] | bytes
-Commands: TypeAlias = Iterable[Sequence[str]] | Callable[[Any], Sequence[str]]
+Commands: TypeAlias = Iterable[Sequence[str]] | Callable[..., Any]  # commands, or a Python function (map)
 
 
 def parse_size(text: str) -> int:
@@ -190,6 +191,8 @@ def submission_body(
     job_id: str | None = None,
     cpu_seconds: int | None = None,
     output_bytes: Size | None = None,
+    runtime: str = "",
+    runtime_sha256: str = "",
 ) -> dict[str, Any]:
     """The JSON body of ``POST /v1/jobs`` (see ``node.market.requests.parse_submission``).
 
@@ -201,6 +204,8 @@ def submission_body(
         inputs: file name in the job -> a local path (sent as its absolute path; the node copies it) or bytes
             (sent inline).
         cpu_seconds: CPU-time limit; None leaves the node's default (cpus * timeout).
+        runtime: run in this runtime of the provider's (``node runtime list``); only providers offering it are
+            asked. ``runtime_sha256`` (hex) also pins its lock hash.
 
     Raises:
         TypeError, ValueError: an argument has the wrong type or value.
@@ -235,17 +240,23 @@ def submission_body(
         body["cpu_seconds"] = cpu_seconds
     if output_bytes is not None:
         body["output_bytes"] = _size(output_bytes, "output_bytes")
+    if runtime:
+        body["runtime"] = runtime
+    if runtime_sha256:
+        body["runtime_sha256"] = runtime_sha256
     return body
 
 
-def _commands(commands: Commands, items: Iterable[Any] | None) -> list[Sequence[str]]:
-    if callable(commands):
-        if items is None:
-            raise TypeError("map(fn, items) needs the items")
-        return [commands(item) for item in items]
+def _commands(commands: Iterable[Sequence[str]], items: Iterable[Any] | None) -> list[Sequence[str]]:
     if items is not None:
-        raise TypeError("map(commands) takes no items; pass map(fn, items) to build commands from items")
+        raise TypeError("map(commands) takes no items; map(fn, items) runs a Python function on each item")
     return list(commands)
+
+
+def _items(items: Iterable[Any] | None) -> Iterable[Any]:
+    if items is None:
+        raise TypeError("map(fn, items) needs the items")
+    return items
 
 
 # ----------------------------------------------------------------------------------------------- http
@@ -365,8 +376,9 @@ class Client:
 
     def submit(
         self,
-        command: Sequence[str],
-        *,
+        command: Sequence[str] | Callable[..., Any],
+        /,
+        *args: Any,
         cpus: int = 1,
         memory: Size = DEFAULT_MEMORY,
         disk: Size = DEFAULT_DISK,
@@ -380,18 +392,29 @@ class Client:
         job_id: str | None = None,
         cpu_seconds: int | None = None,
         output_bytes: Size | None = None,
-    ) -> Job:
+        runtime: str = "",
+        runtime_sha256: str = "",
+        **function_options: Any,
+    ) -> Any:
         """Submit a job; returns at once with its handle. The options are those of ``submission_body``.
+
+        ``submit(["cmd", ...])`` runs a command and returns a ``Job``; ``submit(fn, *args)`` runs ``fn(*args)``
+        in a Python runtime (default ``python``, the provider's own) and returns a future, ``FunctionJob``
+        (``max_payload=``/``max_result=`` cap the pickles; see ``node.functions``).
 
         Raises:
             ApiError: the node refused the submission (the message says which field and why).
             TypeError, ValueError: an argument has the wrong type or value.
         """
-        body = submission_body(
-            command, cpus=cpus, memory=memory, disk=disk, gpus=gpus, gpu_model=gpu_model, timeout=timeout,
-            max_price=max_price, inputs=inputs, outputs=outputs, env=env, job_id=job_id, cpu_seconds=cpu_seconds,
-            output_bytes=output_bytes,
-        )  # fmt: skip
+        options = {"cpus": cpus, "memory": memory, "disk": disk, "gpus": gpus, "gpu_model": gpu_model,
+                   "timeout": timeout, "max_price": max_price, "inputs": inputs, "outputs": outputs, "env": env,
+                   "job_id": job_id, "cpu_seconds": cpu_seconds, "output_bytes": output_bytes, "runtime": runtime,
+                   "runtime_sha256": runtime_sha256}  # fmt: skip
+        if callable(command):
+            return functions.submit(self, command, args, **options, **function_options)
+        if args or function_options:
+            raise TypeError("submit(command) takes only options; submit(fn, *args) runs a Python function")
+        body = submission_body(command, **options)
         return Job(self, self._request("POST", "/v1/jobs", json=body).json()["job_id"])
 
     def job(self, job_id: str) -> Job:
@@ -446,7 +469,11 @@ class Client:
     def map(
         self, commands: Commands, items: Iterable[Any] | None = None, /, *, progress: bool | None = None, **options: Any
     ) -> list[JobResult]:
-        """Run many jobs at once: ``map([cmd, ...])`` or ``map(fn, items)`` where ``fn(item)`` is a command.
+        """Run many jobs at once: commands, ``map([cmd, ...])``, or a Python function, ``map(fn, items)``.
+
+        ``map(fn, items)`` runs ``fn(item)`` for each item as a function job (see ``node.functions``) and returns
+        the values in input order, raising the first remote exception (the other jobs are cancelled); the rest
+        of this docstring is about commands.
 
         Every job is submitted before any is waited for. Results come in input order, failed jobs included
         (their ``state`` and ``error`` say why); nothing is raised for a job's failure.
@@ -459,6 +486,8 @@ class Client:
             ApiError: a submission was refused; the jobs submitted before it are cancelled.
             TypeError, ValueError: a command or option is wrong (found before anything is submitted).
         """
+        if callable(commands):  # Python functions: values in order, the first remote exception raised
+            return functions.map_functions(self, commands, _items(items), progress=progress, **options)
         submitted: list[Job] = []
         all_commands = _commands(commands, items)
         for command in all_commands:  # check every command and option before submitting any
@@ -635,8 +664,9 @@ class AsyncClient:
 
     async def submit(
         self,
-        command: Sequence[str],
-        *,
+        command: Sequence[str] | Callable[..., Any],
+        /,
+        *args: Any,
         cpus: int = 1,
         memory: Size = DEFAULT_MEMORY,
         disk: Size = DEFAULT_DISK,
@@ -650,12 +680,19 @@ class AsyncClient:
         job_id: str | None = None,
         cpu_seconds: int | None = None,
         output_bytes: Size | None = None,
-    ) -> AsyncJob:
-        body = submission_body(
-            command, cpus=cpus, memory=memory, disk=disk, gpus=gpus, gpu_model=gpu_model, timeout=timeout,
-            max_price=max_price, inputs=inputs, outputs=outputs, env=env, job_id=job_id, cpu_seconds=cpu_seconds,
-            output_bytes=output_bytes,
-        )  # fmt: skip
+        runtime: str = "",
+        runtime_sha256: str = "",
+        **function_options: Any,
+    ) -> Any:
+        options = {"cpus": cpus, "memory": memory, "disk": disk, "gpus": gpus, "gpu_model": gpu_model,
+                   "timeout": timeout, "max_price": max_price, "inputs": inputs, "outputs": outputs, "env": env,
+                   "job_id": job_id, "cpu_seconds": cpu_seconds, "output_bytes": output_bytes, "runtime": runtime,
+                   "runtime_sha256": runtime_sha256}  # fmt: skip
+        if callable(command):
+            return await functions.submit_async(self, command, args, **options, **function_options)
+        if args or function_options:
+            raise TypeError("submit(command) takes only options; submit(fn, *args) runs a Python function")
+        body = submission_body(command, **options)
         return AsyncJob(self, (await self._request("POST", "/v1/jobs", json=body)).json()["job_id"])
 
     def job(self, job_id: str) -> AsyncJob:
@@ -698,6 +735,8 @@ class AsyncClient:
         self, commands: Commands, items: Iterable[Any] | None = None, /, *, progress: bool | None = None, **options: Any
     ) -> list[JobResult]:
         """See ``Client.map``: submit all, then results in input order, failed jobs included; ``progress`` too."""
+        if callable(commands):
+            return await functions.map_functions_async(self, commands, _items(items), progress=progress, **options)
         submitted: list[AsyncJob] = []
         all_commands = _commands(commands, items)
         for command in all_commands:  # check every command and option before submitting any

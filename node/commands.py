@@ -131,6 +131,10 @@ def register(sub: Any) -> None:
 
     sandbox_commands.register(sub)
     reputation_commands.register(sub)
+
+    from node import runtime_commands
+
+    runtime_commands.register(sub)
     from node import owner_commands
 
     owner_commands.register(sub)

@@ -67,6 +67,7 @@ class NodeConfig:
     max_unfinished_jobs: int = 10_000
     owner: OwnerPolicy = field(default_factory=OwnerPolicy)  # [owner]; max_jobs comes from [provide]
     owner_check_seconds: float = 5.0
+    runtimes: tuple[tuple[str, str], ...] = ()  # (name, venv path) from [runtimes]; see node.runtimes
     config_file: Path | None = None
 
 
@@ -172,6 +173,11 @@ gpu_busy_percent = 10
 gpu_busy_memory = "512MiB"
 # How often to measure and apply the policy (seconds).
 check_seconds = 5
+
+[runtimes]
+# Python environments offered to function jobs, as NAME = "/path/to/venv" (bound read-only into the sandbox;
+# the venv needs cloudpickle). The runtime `python` (this node's own Python) is always offered.
+# Add one with `node runtime add NAME --venv PATH`; build one with `node runtime build NAME -r requirements.txt`.
 """
 
 
@@ -307,11 +313,13 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         "provide": {"enabled", "max_jobs", "ad_refresh_seconds", "ad_ttl_seconds", "clock_skew_seconds"},
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
         "trust": {"verify_below", "replicas", "sync_interval_seconds"},
+        "limits": set(LIMIT_KEYS),
         "jobs": {"max_active", "max_unfinished"},
         "owner": OWNER_KEYS,
-        "limits": set(LIMIT_KEYS),
     }
     for section, table in raw.items():
+        if section == "runtimes" and isinstance(table, dict):
+            continue  # names are the user's: checked in _runtimes
         if section not in known or not isinstance(table, dict):
             raise ConfigError(f"{path}: unknown section [{section}] (known: {', '.join(sorted(known))})")
         unknown = set(table) - known[section]
@@ -375,6 +383,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
             _get(trust, "sync_interval_seconds", number, "trust", base.sync_interval_seconds),
             "trust.sync_interval_seconds",
         ),
+        runtimes=_runtimes(raw.get("runtimes", {}), path),
         owner=_owner(
             raw.get("owner", {}), base, path, max_jobs=max(1, _get(prov, "max_jobs", int, "provide", base.max_jobs))
         ),
@@ -402,3 +411,18 @@ def _net_limits(table: dict[str, Any], base: tuple[tuple[str, float], ...]) -> t
             value = _get(table, key, int if kind is int else (int, float), "limits", None)
             out[key] = _positive(value, f"limits.{key}") if kind is float else int(_positive(value, f"limits.{key}"))
     return tuple(out.items())
+
+
+def _runtimes(table: dict[str, Any], path: Path) -> tuple[tuple[str, str], ...]:
+    from protocol.messages import MAX_RUNTIMES, runtime_name_ok
+
+    out = []
+    for name, venv in table.items():
+        if not runtime_name_ok(name):
+            raise ConfigError(f"{path}: [runtimes] {name!r}: names are 1-32 of a-z, 0-9, '.', '_', '-'")
+        if not isinstance(venv, str) or not venv.startswith("/"):
+            raise ConfigError(f"{path}: [runtimes] {name}: expected an absolute venv path, got {venv!r}")
+        out.append((name, venv))
+    if len(out) >= MAX_RUNTIMES:
+        raise ConfigError(f"{path}: [runtimes]: at most {MAX_RUNTIMES - 1} (the default `python` is the other)")
+    return tuple(out)

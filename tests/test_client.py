@@ -245,7 +245,7 @@ def test_map_submits_everything_first_and_keeps_input_order():
 
     api = FakeApi(script=script, stdout=lambda job_id: job_id.encode())
     with api.client() as client:
-        results = client.map(lambda i: ["python3", "-c", f"print({i})"], range(5))
+        results = client.map([["python3", "-c", f"print({i})"] for i in range(5)])
         again = client.map([["true"], ["false"]], cpus=2)
     assert [r.exit_code for r in results] == [0, 1, 2, 3, 4]
     assert [r.stdout for r in results] == [b"j1", b"j2", b"j3", b"j4", b"j5"]

@@ -448,7 +448,8 @@ class JobManager:
         from protocol.messages import Limits, Resources
 
         resources = Resources(cpus=req["cpus"], memory_bytes=req["memory_bytes"], disk_bytes=req["disk_bytes"],
-                              gpus=req["gpus"], gpu_model=req["gpu_model"])  # fmt: skip
+                              gpus=req["gpus"], gpu_model=req["gpu_model"], runtime=req.get("runtime", ""),
+                              runtime_sha256=bytes.fromhex(req.get("runtime_sha256", "")))  # fmt: skip
         limits = Limits(cpu_seconds=req["cpu_seconds"], wall_seconds=req["timeout"], memory_bytes=req["memory_bytes"],
                         disk_bytes=req["disk_bytes"], output_bytes=req["output_bytes"])  # fmt: skip
         deadline = self.clock_ms() + (req["timeout"] + 300) * 1000

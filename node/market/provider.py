@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import secrets
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -36,6 +36,7 @@ import trio
 
 from node.market.transfer import DigestMismatch, receive_file, send_file
 from node.market.wire import ChannelClosed, FrameChannel, Messenger
+from node.runtimes import ResolvedRuntime
 from node.sandbox.errors import AdmissionRefused, SandboxUnavailable, WorkDirError
 from node.sandbox.executor import Executor
 from node.sandbox.spec import ExecResult, ExecSpec, InputFile
@@ -45,7 +46,7 @@ from protocol.cosign import sign_as, terms_hash, verify_both
 from protocol.envelope import message_hash
 from protocol.errors import BadSignature, RemoteProtocolError
 from protocol.identity import Identity
-from protocol.market import MarketPolicy, resource_class
+from protocol.market import MarketPolicy, resource_class, runtime_mismatch
 from protocol.messages import (
     Accept,
     Agreement,
@@ -93,6 +94,7 @@ class ProviderService:
         clock_ms: Callable[[], int],
         blocked: frozenset[str] = frozenset(),
         on_receipt: Callable[[Receipt], Awaitable[None]] | None = None,
+        runtimes: Sequence[ResolvedRuntime] = (),
     ) -> None:
         self.identity = identity
         self.messenger = messenger
@@ -105,6 +107,7 @@ class ProviderService:
         self.clock_ms = clock_ms
         self.blocked = blocked
         self.on_receipt = on_receipt  # rates the client once the receipt is signed by both
+        self.runtimes = {r.name: r for r in runtimes if r.usable}  # offered runtimes (node.runtimes)
         self.running: dict[str, trio.CancelScope] = {}
         self._reserved: dict[bytes, float] = {}
         self.quotes_sent = 0
@@ -137,6 +140,7 @@ class ProviderService:
             gpu_models=models,
             free_slots=self._free_slots() if self.executor is not None and not self.owner_refusal() else 0,
             blocked=self.blocked,
+            runtimes=tuple(r.wire() for r in self.runtimes.values()),
         )
 
     async def rpc_negotiate(self, channel: FrameChannel) -> None:
@@ -211,6 +215,10 @@ class ProviderService:
         total_in = sum(f.size for f in spec.inputs)
         if total_in > min(agreement.resources.disk_bytes, spec.limits.disk_bytes):
             return None, RejectCode.INSUFFICIENT_RESOURCES, "the inputs are larger than the agreed disk"
+        offered = tuple(r.wire() for r in self.runtimes.values())
+        missing = runtime_mismatch(offered, agreement.resources)
+        if missing:  # the runtime went away (or changed) since the agreement: refuse, never run elsewhere
+            return None, RejectCode.NO_RUNTIME, missing
         return agreement, RejectCode.INTERNAL, ""
 
     async def rpc_job(self, channel: FrameChannel) -> None:
@@ -284,10 +292,13 @@ class ProviderService:
             await self._refuse(channel, spec.job_id, RejectCode.BAD_INPUT, str(exc))
             self.store.update_job(spec.job_id, "provider", now_ms=self.clock_ms(), state="failed", error=str(exc))
             return
+        runtime = self.runtimes.get(agreement.resources.runtime)
         exec_spec = ExecSpec(
             command=spec.command,
             work_dir=job_dir / "work",
-            env=spec.env,
+            # The runtime's PATH (and VIRTUAL_ENV or PYTHONPATH) over the client's: it selects the interpreter.
+            env={**spec.env, **(runtime.env if runtime else {})},
+            ro_binds=runtime.binds if runtime else (),
             inputs=tuple(InputFile(name=r.name, source=inputs_dir / r.name) for r in spec.inputs),
             outputs=spec.outputs,
             limits=SandboxLimits(
