@@ -15,6 +15,7 @@ clock.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -51,6 +52,7 @@ from node.owner import OwnerService, load_source
 from node.relays import RelayKeeper
 from node.reputation.records import RecordStore
 from node.reputation.service import ReputationService
+from node.runtimes import job_uid_gid, resolve_all
 from node.sandbox.doctor import collect_facts
 from node.sandbox.executor import Executor
 from node.store import Store
@@ -58,8 +60,8 @@ from protocol import codec
 from protocol.envelope import seal
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Identity
-from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID
-from protocol.messages import CapacityAd, GpuSpec, Outcome, Receipt
+from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID, runtime_mismatch
+from protocol.messages import CapacityAd, GpuSpec, Outcome, Receipt, Resources, Runtime
 from protocol.records import CAP_PREFIX, cap_key, class_key, select_ad_record, validate_ad_record
 from protocol.reputation import REPUTATION_TOPIC, SYNC_PROTOCOL_ID
 
@@ -94,7 +96,14 @@ class AdState:
 
 
 def ad_from_capacity(
-    identity: Identity, cap: MachineCapacity, *, seq: int, config: NodeConfig, addrs: list[str], tier: str
+    identity: Identity,
+    cap: MachineCapacity,
+    *,
+    seq: int,
+    config: NodeConfig,
+    addrs: list[str],
+    tier: str,
+    runtimes: tuple[Runtime, ...] = (),
 ) -> CapacityAd:
     return CapacityAd(
         peer=identity.peer_id,
@@ -107,12 +116,17 @@ def ad_from_capacity(
         price_sheet=config.price_sheet,
         load_permille=cap.load_permille,
         addrs=tuple(a for a in addrs if len(a) <= 256)[:MAX_AD_ADDRS],
+        runtimes=runtimes,
     )
 
 
 def ad_matches(ad: CapacityAd, query: FindQuery) -> bool:
     if ad.cpus < query.cpus or ad.memory_bytes < query.memory_bytes or len(ad.gpus) < query.gpus:
         return False
+    if query.runtime:
+        wanted = Resources(runtime=query.runtime, runtime_sha256=query.runtime_sha256)
+        if runtime_mismatch(ad.runtimes, wanted):
+            return False
     if query.gpu_model:
         return sum(1 for g in ad.gpus if gpu_model_matches(g.model, query.gpu_model)) >= max(query.gpus, 1)
     return True
@@ -127,6 +141,9 @@ def ad_to_json(ad: CapacityAd, *, expires_at_ms: int) -> dict[str, Any]:
         "disk_bytes": ad.disk_bytes,
         "gpus": [{"model": g.model, "memory_bytes": g.memory_bytes} for g in ad.gpus],
         "sandbox_tier": ad.sandbox_tier,
+        "runtimes": [
+            {"name": r.name, "interpreter": r.interpreter, "lock_sha256": r.lock_sha256.hex()} for r in ad.runtimes
+        ],
         "load_permille": ad.load_permille,
         "price_sheet": codec.to_plain(ad.price_sheet),
         "addrs": list(ad.addrs),
@@ -197,6 +214,7 @@ class Node:
         self._nvml = nvml_from_env(os.environ)
         self._last_ad: CapacityAd | None = None
         self.sandbox_tier = "none"
+        self.runtimes: tuple[Runtime, ...] = ()  # offered in the ad (set when the provider starts)
         self._find_cache: dict[FindQuery, tuple[float, list[str]]] = {}
         self.jobs: JobManager | None = None
         self.store: Store | None = None
@@ -229,7 +247,8 @@ class Node:
         share one walk.
         """
         query = FindQuery(cpus=req["cpus"], memory_bytes=req["memory_bytes"], gpus=req["gpus"],
-                          gpu_model=req["gpu_model"], limit=50)  # fmt: skip
+                          gpu_model=req["gpu_model"], limit=50, runtime=req.get("runtime", ""),
+                          runtime_sha256=bytes.fromhex(req.get("runtime_sha256", "")))  # fmt: skip
         now = trio.current_time()
         cached = self._find_cache.get(query)
         if cached is not None and now - cached[0] < FIND_CACHE_S:
@@ -298,8 +317,9 @@ class Node:
         now = self.clock_ms()
         seq = max(now, self.ad_state.seq + 1)  # survives restarts: newer ads always have a higher seq
         ad = ad_from_capacity(
-            self.identity, cap, seq=seq, config=self.config, addrs=self.addrs(), tier=self.sandbox_tier
-        )
+            self.identity, cap, seq=seq, config=self.config, addrs=self.addrs(), tier=self.sandbox_tier,
+            runtimes=self.runtimes,
+        )  # fmt: skip
         ttl_ms = int(self.config.ad_ttl_seconds * 1000)
         envelope = seal(self.identity, ad, now=now, ttl_ms=ttl_ms, nonce=secrets.token_bytes(16))
         await self.host.dht_put(cap_key(self.identity.peer_id), codec.encode(envelope))
@@ -487,70 +507,74 @@ async def _serve(
     node.reputation = reputation
     messenger = Messenger(identity, wall_clock_ms, max_skew_ms=int(config.clock_skew_seconds * 1000))
     provider = await _make_provider(node, config, identity, messenger, store)
-    if provider is not None:
-        executor = provider.executor
-        jobs_cpu = executor.jobs_cpu_seconds if executor is not None else lambda: 0.0
-        load = load_source(os.environ, jobs_cpu)
-        node.owner = OwnerService(policy=config.owner, probe=node.probe_capacity, load=load, executor=executor,
-                                  provider=provider, publish=node.republish, clock_ms=wall_clock_ms,
-                                  check_seconds=config.owner_check_seconds, say=node.say)  # fmt: skip
-    jobs_dir = config.data_dir / "jobs"
-    jobs_dir.mkdir(exist_ok=True)
-    node.jobs = JobManager(identity=identity, messenger=messenger, store=store, host=host,
-                           find_providers=node.find_peer_ids, provider=provider, jobs_dir=jobs_dir,
-                           clock_ms=wall_clock_ms, reputation=reputation, verify_below=config.verify_below,
-                           replicas=config.replicas, max_active=config.max_active_jobs,
-                           max_unfinished=config.max_unfinished_jobs)  # fmt: skip
-    metrics = NodeMetrics(store=store, net_statistics=host.statistics, reputation_statistics=reputation.statistics)
-    node.metrics = metrics
-    node.jobs.on_quote_latency = metrics.observe_quote
-    node.jobs.on_job_ended = lambda row: metrics.observe_job(row.state, row.created_ms, row.updated_ms)
-    if provider is not None:
-        provider.on_receipt = partial(_rate_client, reputation)
-        host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))
-        host.set_stream_handler(JOB_PROTOCOL_ID, _handler(provider.rpc_job))
-    host.set_stream_handler(SYNC_PROTOCOL_ID, _handler(reputation.rpc_sync))
-    node.say(f"peer id {identity.peer_id}")
-    for addr in node.addrs():
-        node.say(f"listening on {addr}")
-    shutdown = trio.Event()
-    with trio.CancelScope() as scope:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_wait_for_signal, scope, node.say)
-            token = new_token()
-            node.login_codes = LoginCodes(token)
-            url = await nursery.start(
-                partial(serve_api, node, host=config.api_host, port=config.api_port, token=token, shutdown=shutdown)
-            )
-            write_api_file(config.data_dir / API_FILE, url=url, token=token, peer_id=identity.peer_id)
-            node.say(f"local API on {url} (token in {config.data_dir / API_FILE})")
-            for state in node.bootstrap:
-                nursery.start_soon(node.keep_bootstrap_peer, state)
-            nursery.start_soon(net.keep_routing_table, host)  # a join's refresh can come back empty under load
-            nursery.start_soon(node.lan.serve)
-            nursery.start_soon(node.relays.serve)
-            node.say(f"LAN discovery (mDNS): {host.mdns_state}")
-            if not config.bootstrap:
-                node.say("no bootstrap peers: running as a one-node network that others can join")
-            nursery.start_soon(reputation.consume_gossip)
-            nursery.start_soon(reputation.sync_forever)
-            node.peer_keeper = PeerKeeper(host, redial_max_s=config.bootstrap_retry_max_seconds)
-            nursery.start_soon(keep_peers, node.peer_keeper)  # silent peers dropped, lost ones redialed
-            await nursery.start(node.jobs.serve)
-            if provider is not None:
-                assert node.owner is not None
-                await nursery.start(node.owner.serve)  # decides before the first ad
-                await nursery.start(node.advertise_forever)
-                assert node.capacity is not None
-                node.say(f"offering {describe_capacity(node.capacity)}, jobs sandboxed with {node.sandbox_tier}")
-            else:
-                node.probe_capacity()
-                if config.provide:
-                    node.say("not providing: no usable sandbox here (run `node doctor` for the fix)")
+    try:
+        if provider is not None:
+            executor = provider.executor
+            jobs_cpu = executor.jobs_cpu_seconds if executor is not None else lambda: 0.0
+            load = load_source(os.environ, jobs_cpu)
+            node.owner = OwnerService(policy=config.owner, probe=node.probe_capacity, load=load, executor=executor,
+                                      provider=provider, publish=node.republish, clock_ms=wall_clock_ms,
+                                      check_seconds=config.owner_check_seconds, say=node.say)  # fmt: skip
+        jobs_dir = config.data_dir / "jobs"
+        jobs_dir.mkdir(exist_ok=True)
+        node.jobs = JobManager(identity=identity, messenger=messenger, store=store, host=host,
+                               find_providers=node.find_peer_ids, provider=provider, jobs_dir=jobs_dir,
+                               clock_ms=wall_clock_ms, reputation=reputation, verify_below=config.verify_below,
+                               replicas=config.replicas, max_active=config.max_active_jobs,
+                               max_unfinished=config.max_unfinished_jobs)  # fmt: skip
+        metrics = NodeMetrics(store=store, net_statistics=host.statistics, reputation_statistics=reputation.statistics)
+        node.metrics = metrics
+        node.jobs.on_quote_latency = metrics.observe_quote
+        node.jobs.on_job_ended = lambda row: metrics.observe_job(row.state, row.created_ms, row.updated_ms)
+        if provider is not None:
+            provider.on_receipt = partial(_rate_client, reputation)
+            host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))
+            host.set_stream_handler(JOB_PROTOCOL_ID, _handler(provider.rpc_job))
+        host.set_stream_handler(SYNC_PROTOCOL_ID, _handler(reputation.rpc_sync))
+        node.say(f"peer id {identity.peer_id}")
+        for addr in node.addrs():
+            node.say(f"listening on {addr}")
+        shutdown = trio.Event()
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_wait_for_signal, scope, node.say)
+                token = new_token()
+                node.login_codes = LoginCodes(token)
+                url = await nursery.start(
+                    partial(serve_api, node, host=config.api_host, port=config.api_port, token=token, shutdown=shutdown)
+                )
+                write_api_file(config.data_dir / API_FILE, url=url, token=token, peer_id=identity.peer_id)
+                node.say(f"local API on {url} (token in {config.data_dir / API_FILE})")
+                for state in node.bootstrap:
+                    nursery.start_soon(node.keep_bootstrap_peer, state)
+                nursery.start_soon(net.keep_routing_table, host)  # a join's refresh can come back empty under load
+                nursery.start_soon(node.lan.serve)
+                nursery.start_soon(node.relays.serve)
+                node.say(f"LAN discovery (mDNS): {host.mdns_state}")
+                if not config.bootstrap:
+                    node.say("no bootstrap peers: running as a one-node network that others can join")
+                nursery.start_soon(reputation.consume_gossip)
+                nursery.start_soon(reputation.sync_forever)
+                node.peer_keeper = PeerKeeper(host, redial_max_s=config.bootstrap_retry_max_seconds)
+                nursery.start_soon(keep_peers, node.peer_keeper)  # silent peers dropped, lost ones redialed
+                await nursery.start(node.jobs.serve)
+                if provider is not None:
+                    assert node.owner is not None
+                    await nursery.start(node.owner.serve)  # decides before the first ad
+                    await nursery.start(node.advertise_forever)
+                    assert node.capacity is not None
+                    node.say(f"offering {describe_capacity(node.capacity)}, jobs sandboxed with {node.sandbox_tier}")
                 else:
-                    node.say("not providing (--no-provide): this node only uses others' capacity")
-            node.say("ready")
-    shutdown.set()
+                    node.probe_capacity()
+                    if config.provide:
+                        node.say("not providing: no usable sandbox here (run `node doctor` for the fix)")
+                    else:
+                        node.say("not providing (--no-provide): this node only uses others' capacity")
+                node.say("ready")
+        shutdown.set()
+    finally:
+        if provider is not None:
+            _remove_if_empty(provider.work_root)
 
 
 async def _rate_client(reputation: ReputationService, receipt: Receipt) -> None:
@@ -568,24 +592,41 @@ async def _make_provider(
         node.say(f"cannot run jobs: {executor.decision.reason}")
         return None
     node.sandbox_tier = executor.decision.tier.value
+    uid, gid = job_uid_gid()
+    runtimes = await trio.to_thread.run_sync(partial(resolve_all, dict(config.runtimes), job_uid=uid, job_gid=gid))
+    for runtime in runtimes:
+        if not runtime.usable:
+            node.say(f"runtime {runtime.name} not offered: {runtime.error}")
+    node.runtimes = tuple(r.wire() for r in runtimes if r.usable)
     work_root = choose_work_root(config.data_dir)
     return ProviderService(identity=identity, messenger=messenger, store=store, executor=executor,
                            work_root=work_root, price_sheet=config.price_sheet, capacity=node.capacity_tuple,
-                           max_concurrent=config.max_jobs, clock_ms=wall_clock_ms)  # fmt: skip
+                           max_concurrent=config.max_jobs, clock_ms=wall_clock_ms, runtimes=runtimes)  # fmt: skip
+
+
+def _remove_if_empty(path: Path) -> None:
+    """A work root under the system temp dir is this data dir's own: leave nothing behind when no job is left."""
+    if path.parent == Path(tempfile.gettempdir()):
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _traversable_by_others(path: Path) -> bool:
     return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.exists())
 
 
-def choose_work_root(data_dir: Path) -> Path:
+def work_root_for(data_dir: Path) -> Path:
     """Where job work dirs go: DATA_DIR/work when the unprivileged job uid can reach it, else a private dir
     under the system temp dir (as root, the default data dir sits under /root, which others cannot traverse)."""
     if os.geteuid() != 0 or _traversable_by_others(data_dir):
-        root = data_dir / "work"
-    else:
-        tag = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
-        root = Path(tempfile.gettempdir()) / f"coop-work-{tag}"
+        return data_dir / "work"
+    tag = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"coop-work-{tag}"
+
+
+def choose_work_root(data_dir: Path) -> Path:
+    """Create (0711) and return ``work_root_for(data_dir)``; the daemon removes it at exit if it is in /tmp."""
+    root = work_root_for(data_dir)
     root.mkdir(mode=0o711, exist_ok=True)
     root.chmod(0o711)
     return root

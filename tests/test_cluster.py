@@ -1,11 +1,14 @@
 """Five real `node start` processes on 127.0.0.1: join, peers, find, GPU matching, expiry, restart."""
 
 import signal
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
+from node.daemon import work_root_for
 from tests.cluster import wait_until
 
 pytestmark = pytest.mark.slow
@@ -82,6 +85,10 @@ async def test_five_node_cluster(launcher):
         assert codes == [0] * 5
         assert not any((n.data_dir / "api.json").exists() for n in nodes)
         assert all("coop: stopped" in n.lines for n in nodes)
+        # pytest's tmp dirs are 0700, so as root these nodes' job work dirs went under /tmp: nothing left there
+        assert not [
+            p for n in nodes if (p := work_root_for(n.data_dir)).parent == Path(tempfile.gettempdir()) and p.exists()
+        ]
 
 
 async def _when(awaitable, check):
