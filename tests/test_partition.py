@@ -62,7 +62,7 @@ def note(what, value):
 
 async def run_job(client):
     job = await client.wait_job(await client.submit(["python3", "-c", "print(6*7)"]))
-    assert job["state"] == "completed", job
+    assert job["state"] == "completed", (job["error"], job.get("attempts"))
     return job
 
 

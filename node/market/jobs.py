@@ -82,7 +82,9 @@ DISCOVERY_PATIENCE_S: Final = 20.0  # how long a job waits for a first fitting p
 DISCOVERY_RETRY_S: Final = 1.0
 BUSY_PATIENCE_S: Final = 600.0  # how long a job queues while every fitting provider is busy
 BUSY_RETRY_MAX_S: Final = 5.0
-WAIT_FOR: Final = frozenset({RejectCode.BUSY})
+# Reasons that make a job wait and ask again (up to BUSY_PATIENCE_S) rather than fail: a provider that is busy, or
+# one too loaded (or restarting) to answer a quote in time. A provider that stays dead drops out when its ad expires.
+WAIT_FOR: Final = frozenset({RejectCode.BUSY, RejectCode.TIMEOUT})
 
 
 class AttemptFailed(Exception):
