@@ -110,6 +110,7 @@ class ProviderService:
         self.runtimes = {r.name: r for r in runtimes if r.usable}  # offered runtimes (node.runtimes)
         self.running: dict[str, trio.CancelScope] = {}
         self._reserved: dict[bytes, float] = {}
+        self._starting: set[str] = set()  # agreed jobs between their JobSpec and their start (they hold a slot)
         self.quotes_sent = 0
         self.rejects_sent = 0
         self.agreements = 0
@@ -126,11 +127,11 @@ class ProviderService:
     def _free_slots(self) -> int:
         now = trio.current_time()
         self._reserved = {h: t for h, t in self._reserved.items() if t > now}
-        return self.max_concurrent - len(self.running) - len(self._reserved)
+        return self.max_concurrent - len(self.running) - len(self._reserved) - len(self._starting)
 
     def policy(self) -> MarketPolicy:
         cpus, memory, disk, models = self.capacity()
-        used = len(self.running) + len(self._reserved)
+        used = len(self.running) + len(self._reserved) + len(self._starting)
         return MarketPolicy(
             floor=self.price_sheet,
             load_permille=min(1000, used * 1000 // max(1, self.max_concurrent)),
@@ -168,17 +169,32 @@ class ProviderService:
                     ),
                 )
                 return
-            for action in machine.receive(message, self.clock_ms()):
-                if isinstance(action, Send):
-                    if isinstance(action.message, Reject):
-                        self.rejects_sent += 1
-                    elif not isinstance(action.message, Agreement):
-                        self.quotes_sent += 1
-                    await self._send(channel, action.message)
-                elif isinstance(action, Completed):
-                    self._on_agreement(action.agreement, machine.request)
-                elif isinstance(action, Failed):
-                    log.debug("negotiation ended: %s %s", action.code, action.message)
+            hold = b""
+            if isinstance(message, Accept):
+                # The quote promised a free slot when the negotiation began; concurrent negotiations may have
+                # taken every slot since. Check again, and hold one until the agreement reserves it.
+                if self._free_slots() <= 0:
+                    self.rejects_sent += 1
+                    text = "every job slot was taken while we negotiated; ask again shortly"
+                    await self._send(channel, Reject(job_id=message.job_id, peer=self.identity.peer_id,
+                                                     code=RejectCode.BUSY, message=text))  # fmt: skip
+                    return
+                hold = secrets.token_bytes(16)
+                self._reserved[hold] = trio.current_time() + RESERVATION_S
+            try:
+                for action in machine.receive(message, self.clock_ms()):
+                    if isinstance(action, Send):
+                        if isinstance(action.message, Reject):
+                            self.rejects_sent += 1
+                        elif not isinstance(action.message, Agreement):
+                            self.quotes_sent += 1
+                        await self._send(channel, action.message)
+                    elif isinstance(action, Completed):
+                        self._on_agreement(action.agreement, machine.request)
+                    elif isinstance(action, Failed):
+                        log.debug("negotiation ended: %s %s", action.code, action.message)
+            finally:
+                self._reserved.pop(hold, None)
 
     def _on_agreement(self, agreement: Agreement, request: QuoteRequest | None) -> None:
         self.agreements += 1
@@ -236,7 +252,16 @@ class ProviderService:
         if not self.store.consume_agreement(agreement_hash):
             await self._refuse(channel, spec.job_id, RejectCode.AGREEMENT_USED, "that agreement was already used")
             return
+        # The agreement's reservation becomes a "starting" slot until the job runs (or fails to start): between the
+        # two, the slot must not look free to a concurrent negotiation.
         self._reserved.pop(agreement_hash, None)
+        self._starting.add(spec.job_id)
+        try:
+            await self._start_job(channel, spec, agreement)
+        finally:
+            self._starting.discard(spec.job_id)
+
+    async def _start_job(self, channel: FrameChannel, spec: JobSpec, agreement: Agreement) -> None:
         if self.owner_refusal():
             text = "this machine's owner has it back; try another provider"
             await self._refuse(channel, spec.job_id, RejectCode.BUSY, text)
@@ -321,6 +346,7 @@ class ProviderService:
         assert self.executor is not None
         job_scope = trio.CancelScope()
         self.running[spec.job_id] = job_scope
+        self._starting.discard(spec.job_id)
         client_gone = False
 
         async def send_or_stop(message: Chunk) -> None:
