@@ -129,3 +129,45 @@ async def test_running_job_is_suspended_and_resumed(launcher, tmp_path):
         assert totals["suspended"] == 1
         assert totals["resumed"] == 1
         assert any("suspended 1 job(s)" in line for line in provider.lines)
+
+
+async def test_preempted_job_is_rescheduled_elsewhere(launcher, tmp_path):
+    load = tmp_path / "load"
+    load.write_text("0")
+    with trio.fail_after(180):
+        # The workstation is cheaper, so the client picks it first; the server is dearer but well within the
+        # client's default max price (a 60 s job at 40 per CPU-second is 2,400 of 100,000 milli-credits).
+        workstation = owner_node(launcher, "ws", load, 'mode = "idle-only"\nidle_seconds = 0.5\nreclaim_seconds = 0\n'
+                                 'on_reclaim = "preempt"\n', per_cpu_second=10)  # fmt: skip
+        await launcher.start(workstation)
+        server = launcher.make("srv", bootstrap=[workstation.address], per_cpu_second=40)
+        client = no_replicas(launcher.make("c", bootstrap=[workstation.address], extra_args=["--no-provide"]))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(launcher.start, server)
+            nursery.start_soon(launcher.start, client)
+
+        async def both():
+            return {workstation.peer_id, server.peer_id} <= set(await offers(client))
+
+        await wait_until(both)
+        # Twice STEPS' length (8 s), so that a slow status poll on a loaded machine still sees it running.
+        job_id = await client.submit(["python3", "-c", STEPS.replace("range(40)", "range(80)")])
+
+        async def running_on_workstation():
+            return (await owner_state(workstation))["jobs"]["running"] == 1
+
+        await wait_until(running_on_workstation, interval=0.1)
+        load.write_text("95")  # the owner is back: idle-only with on_reclaim = "preempt" stops the job
+        job = await client.wait_job(job_id)
+        assert job["state"] == "completed", (job["error"], job["attempts"])
+        assert job["provider"] == server.peer_id
+        first, second = job["attempts"]
+        assert (first["provider"], first["outcome"]) == (workstation.peer_id, "failed")
+        assert "preempted" in first["reason"]
+        assert (second["provider"], second["outcome"]) == (server.peer_id, "completed")
+        assert await client.api("GET", f"/v1/jobs/{job_id}/logs") == f"started\n{sum(range(80))}\n".encode()
+        assert (await owner_state(workstation))["totals"]["preempted"] == 1
+        assert any("preempted 1 job(s)" in line for line in workstation.lines)
+        on_ws = await workstation.api("GET", f"/v1/jobs/{job_id}")
+        assert on_ws["state"] == "cancelled"
+        assert on_ws["error"].startswith("preempted")
