@@ -351,6 +351,9 @@ class JobManager:
                 self.store.end_attempt(job_id, attempt, now_ms=self.clock_ms(), outcome="failed", reason=str(exc))
                 failures.append(f"{provider[:16]}…: {exc}")
                 excluded.add(provider)
+                # A fresh discovery window for the next provider: an attempt that failed late (a preempted or
+                # dead provider) must not leave the job no time to find another one.
+                patience = trio.current_time() + self.discovery_patience_s
                 continue
             try:
                 outcome = await self._verify(job_id, req, provider, outcome, excluded | {provider})
