@@ -110,6 +110,7 @@ class ProviderService:
         self.runtimes = {r.name: r for r in runtimes if r.usable}  # offered runtimes (node.runtimes)
         self.running: dict[str, trio.CancelScope] = {}
         self._reserved: dict[bytes, float] = {}
+        self._done: dict[str, trio.Event] = {}  # set when a job's run here has ended and been recorded
         self._starting: set[str] = set()  # agreed jobs between their JobSpec and their start (they hold a slot)
         self.quotes_sent = 0
         self.rejects_sent = 0
@@ -271,15 +272,36 @@ class ProviderService:
             text = "a job with that id already ran here; submit it under a new id"
             await self._refuse(channel, spec.job_id, RejectCode.BAD_REQUEST, text)
             return
-        if spec.job_id in self.running:
+        if spec.job_id in self.running and not await self._replace_stale_run(spec):
             await self._refuse(channel, spec.job_id, RejectCode.BUSY, "that job is already running here")
             return
+        done = self._done[spec.job_id] = trio.Event()
         job_dir = self.work_root / f"{spec.job_id}-{secrets.token_hex(4)}"
         job_dir.mkdir(parents=True)
         try:
             await self._run_job(channel, spec, agreement, job_dir)
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
+            done.set()
+            if self._done.get(spec.job_id) is done:
+                del self._done[spec.job_id]
+
+    async def _replace_stale_run(self, spec: JobSpec) -> bool:
+        """The same client sends a job that is still running here: it restarted and lost that run's stream, so
+        that run's result can never reach it. Stop that run (recorded as such) and let this one start.
+
+        Returns:
+            False if the running job is another client's, or if it did not end in time.
+        """
+        row = self.store.get_job(spec.job_id, "provider")
+        done = self._done.get(spec.job_id)
+        if row is None or row.client != spec.client or done is None:
+            return False
+        log.info("job %s: its client sent it again; stopping the run it can no longer hear from", spec.job_id)
+        self.running[spec.job_id].cancel()
+        with trio.move_on_after(STEP_TIMEOUT_S):
+            await done.wait()
+        return spec.job_id not in self.running
 
     async def _run_job(self, channel: FrameChannel, spec: JobSpec, agreement: Agreement, job_dir: Path) -> None:
         now = self.clock_ms()
