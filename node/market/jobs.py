@@ -82,8 +82,8 @@ DISCOVERY_PATIENCE_S: Final = 20.0  # how long a job waits for a first fitting p
 DISCOVERY_RETRY_S: Final = 1.0
 BUSY_PATIENCE_S: Final = 600.0  # how long a job queues while every fitting provider is busy
 BUSY_RETRY_MAX_S: Final = 5.0
-# Reasons that make a job wait and ask again (up to BUSY_PATIENCE_S) rather than fail: a provider that is busy, or
-# one too loaded (or restarting) to answer a quote in time. A provider that stays dead drops out when its ad expires.
+# Reasons that make a job wait and ask again rather than fail: a provider that is busy (up to BUSY_PATIENCE_S), or
+# one too loaded (or restarting) to answer a quote in time (within the discovery window only).
 WAIT_FOR: Final = frozenset({RejectCode.BUSY, RejectCode.TIMEOUT})
 
 
@@ -326,7 +326,11 @@ class JobManager:
                 # way. Look again shortly rather than failing at once.
                 await trio.sleep(DISCOVERY_RETRY_S)
                 continue
-            if chosen is None and reasons and set(reasons) <= WAIT_FOR and trio.current_time() < busy_until:
+            # A provider not answering may be loaded or restarting: worth waiting for, but only within the discovery
+            # window (a dead one's ad can outlive it); busy ones are waited for up to the busy patience.
+            now = trio.current_time()
+            may_wait = set(reasons) <= WAIT_FOR and (RejectCode.TIMEOUT not in reasons or now < patience)
+            if chosen is None and reasons and may_wait and now < busy_until:
                 # Every fitting provider is busy right now: the job queues until a slot frees up.
                 why = explain_failures(reasons, max_price=req["max_price"], candidates=candidates)
                 self._set(job_id, state="queued", error=f"waiting for a free provider ({why})")

@@ -110,6 +110,7 @@ class ProviderService:
         self.runtimes = {r.name: r for r in runtimes if r.usable}  # offered runtimes (node.runtimes)
         self.running: dict[str, trio.CancelScope] = {}
         self._reserved: dict[bytes, float] = {}
+        self._superseded: set[str] = set()  # runs stopped because their client sent the job again
         self._done: dict[str, trio.Event] = {}  # set when a job's run here has ended and been recorded
         self._starting: set[str] = set()  # agreed jobs between their JobSpec and their start (they hold a slot)
         self.quotes_sent = 0
@@ -298,6 +299,7 @@ class ProviderService:
         if row is None or row.client != spec.client or done is None:
             return False
         log.info("job %s: its client sent it again; stopping the run it can no longer hear from", spec.job_id)
+        self._superseded.add(spec.job_id)
         self.running[spec.job_id].cancel()
         with trio.move_on_after(STEP_TIMEOUT_S):
             await done.wait()
@@ -404,6 +406,11 @@ class ProviderService:
                     nursery.cancel_scope.cancel()
         finally:
             self.running.pop(spec.job_id, None)
+        if spec.job_id in self._superseded:
+            self._superseded.discard(spec.job_id)
+            self.store.update_job(spec.job_id, "provider", now_ms=self.clock_ms(), state="cancelled",
+                                  error="its client restarted and sent the job again; this run was killed")  # fmt: skip
+            return None
         why = self.preempted.pop(spec.job_id, None)
         if why is not None and not client_gone:
             self.jobs_preempted += 1
