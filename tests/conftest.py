@@ -2,6 +2,7 @@ import pytest
 import trio
 
 from tests.cluster import Launcher
+from tests.fuzz_world import world  # noqa: F401  (the fuzz tests' fixture: one real provider, in memory)
 
 
 @pytest.fixture

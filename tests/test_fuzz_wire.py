@@ -18,337 +18,68 @@ Signed-message time follows trio's clock (``autojump_clock``), so timeouts and e
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import hashlib
-import itertools
-import os
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import msgpack
-import pytest
-import trio
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
-from node import net
-from node.market.provider import RESERVATION_S, STEP_TIMEOUT_S, ProviderService
-from node.market.wire import LOOPBACK_BUFFER, MAX_FRAME_BYTES, ChannelClosed, MemoryChannel, Messenger, StreamChannel
-from node.reputation.records import RecordStore
-from node.reputation.service import ReputationService
-from node.sandbox.spec import ExecResult, OutputFile, Tier
-from node.sandbox.spec import Termination as SandboxTermination
-from node.sandbox.spec import Usage as SandboxUsage
-from node.store import Store
-from protocol import codec, envelope
-from protocol.cosign import sign_as, terms_hash
-from protocol.envelope import Envelope, domain_of, seal
-from protocol.errors import LocalProtocolError, RemoteProtocolError
-from protocol.identity import Identity
-from protocol.messages import (
+from node.market.provider import RESERVATION_S, STEP_TIMEOUT_S
+from protocol.envelope import domain_of
+from protocol.errors import LocalProtocolError
+from protocol.messages import FileRef, RejectCode
+from protocol.negotiation import agreement_for
+from protocol.reputation import SyncRequest, SyncResponse
+from tests.factories import all_messages
+from tests.fuzz_world import (
+    ALLOWED,
+    CLIENT,
+    FUZZ,
+    MALLORY,
+    MAX_FRAME_BYTES,
+    NEGOTIATE_TYPES,
     Accept,
     Agreement,
+    ChannelClosed,
     Chunk,
     ChunkKind,
     Counter,
-    FileRef,
+    Envelope,
+    Exchange,
     JobAccepted,
     JobResult,
     JobSpec,
     Limits,
-    Outcome,
     PriceSheet,
     Quote,
     QuoteRequest,
     Receipt,
     Reject,
-    RejectCode,
-    ReputationRecord,
+    RemoteProtocolError,
     Resources,
-    Usage,
+    bundle,
+    channel_pair,
+    client_job,
+    codec,
+    contextlib,
+    dataclasses,
+    decodes_as,
+    digest,
+    envelope,
+    exchange,
+    honest_job,
+    honest_negotiation,
+    job_spec,
+    os,
+    pytest,
+    quote_request,
+    refused,
+    sealed,
+    sign_as,
+    signed_around,
+    terms_hash,
+    trio,
+    wall_ms,
 )
-from protocol.negotiation import ClientNegotiation, Completed, Quoted, Send, agreement_for
-from protocol.reputation import (
-    REPUTATION_TOPIC,
-    RecordBundle,
-    SyncRequest,
-    SyncResponse,
-    make_bundle,
-    verify_bundle,
-)
-from tests.factories import NOW, all_messages
-
-ALLOWED = (RemoteProtocolError, ChannelClosed, trio.TooSlowError)
-PROVIDER = Identity.from_seed(b"P" * 32)
-CLIENT = Identity.from_seed(b"C" * 32)
-MALLORY = Identity.from_seed(b"M" * 32)
-FLOOR = PriceSheet(start_fee=10, per_cpu_second=5, per_gib_second=1)
-NEGOTIATE_TYPES = (QuoteRequest, Counter, Accept, Reject)
-FUZZ = settings(
-    max_examples=40,
-    deadline=None,
-    # The world (store, services) is shared by the examples on purpose: state must survive all of them.
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-
-
-def wall_ms() -> int:
-    return NOW + int(trio.current_time() * 1000)
-
-
-def digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-class FakeExecutor:
-    """Stands in for the sandbox: every job "prints 42" and writes its outputs at once; nothing is started."""
-
-    async def run(self, spec, *, on_output=None, cancel_scope=None):
-        spec.work_dir.mkdir(parents=True, exist_ok=True)
-        outputs = []
-        for name in spec.outputs:
-            data = b"out:" + name.encode()
-            (spec.work_dir / name).write_bytes(data)
-            outputs.append(OutputFile(name=name, sha256=digest(data).hex(), size=len(data)))
-        if on_output is not None:
-            await on_output("stdout", b"42\n")
-        return ExecResult(
-            termination=SandboxTermination.EXITED,
-            exit_status=0,
-            outputs=tuple(outputs),
-            missing_outputs=(),
-            stdout=b"42\n",
-            stderr=b"",
-            tier=Tier.UNSANDBOXED,
-            detail="fake",
-            usage=SandboxUsage(cpu_seconds=0.01, wall_seconds=0.02, peak_memory_bytes=1 << 20),
-        )
-
-
-@dataclass
-class Pair:
-    client: MemoryChannel  # the peer's end (names the provider)
-    server: MemoryChannel  # the handler's end (names the peer, as the authenticated libp2p stream would)
-    client_send: trio.MemorySendChannel[bytes]  # to half-close the peer's side
-
-    async def finish_sending(self) -> None:
-        await self.client_send.aclose()
-
-
-def channel_pair(peer: str = CLIENT.peer_id) -> Pair:
-    c_send, s_recv = trio.open_memory_channel[bytes](LOOPBACK_BUFFER)
-    s_send, c_recv = trio.open_memory_channel[bytes](LOOPBACK_BUFFER)
-    return Pair(MemoryChannel(PROVIDER.peer_id, c_send, c_recv), MemoryChannel(peer, s_send, s_recv), c_send)
-
-
-@dataclass
-class World:
-    store: Store
-    provider: ProviderService
-    reputation: ReputationService
-    work_root: Path
-    peer: ReputationService  # another node's reputation service (own store), for the pull path
-    client: Messenger = field(default_factory=lambda: Messenger(CLIENT, wall_ms))
-    ids: itertools.count = field(default_factory=itertools.count)
-
-    def job_id(self) -> str:
-        return f"job-{next(self.ids)}"
-
-    def handler(self, name: str) -> Callable[[MemoryChannel], Awaitable[None]]:
-        return {
-            "negotiate": self.provider.rpc_negotiate,
-            "job": self.provider.rpc_job,
-            "sync": self.reputation.rpc_sync,
-        }[name]
-
-    def check(self) -> None:
-        """The cheap state invariant, after every example: nothing left running, on disk, or marked running."""
-        assert self.provider.running == {}
-        assert list(self.work_root.iterdir()) == []
-        assert [r.job_id for r in self.store.unfinished_jobs("provider")] == []
-
-    async def still_serves(self) -> None:
-        """The full state invariant, after every test: an honest deal and job still go through."""
-        self.check()
-        receipt = await honest_job(self, await honest_negotiation(self))
-        assert self.store.get_receipt(receipt.job_id) is not None
-
-
-@pytest.fixture
-def world(tmp_path, autojump_clock):
-    """A provider's services on one store, shared by every example of a test; at the end of the test (in trio
-    time, on the test's clock) an honest negotiation and job must still complete."""
-    store = Store.open(tmp_path / "coop.db")
-    work_root = tmp_path / "work"
-    work_root.mkdir()
-    provider = ProviderService(
-        identity=PROVIDER,
-        messenger=Messenger(PROVIDER, wall_ms),
-        store=store,
-        executor=FakeExecutor(),  # type: ignore[arg-type]
-        work_root=work_root,
-        price_sheet=FLOOR,
-        capacity=lambda: (8, 16 << 30, 100 << 30, ()),
-        max_concurrent=4,
-        clock_ms=wall_ms,
-    )
-    reputation = ReputationService(identity=PROVIDER, records=RecordStore(store.db), clock_ms=wall_ms)
-    peer_store = Store.open(tmp_path / "peer.db")
-    peer = ReputationService(identity=CLIENT, records=RecordStore(peer_store.db), clock_ms=wall_ms)
-    world = World(store=store, provider=provider, reputation=reputation, work_root=work_root, peer=peer)
-    try:
-        yield world
-        trio.run(world.still_serves, clock=autojump_clock)
-    finally:
-        store.close()
-        peer_store.close()
-
-
-def sealed(identity: Identity, message: object, *, issued: int | None = None, ttl_ms: int = 60_000) -> bytes:
-    now = wall_ms() if issued is None else issued
-    return codec.encode(seal(identity, message, now=now, ttl_ms=ttl_ms, nonce=os.urandom(16)))
-
-
-def signed_around(identity: Identity, payload: bytes, domain: str) -> bytes:
-    """A validly signed envelope around arbitrary payload bytes (what a peer with a key can always send)."""
-    fields = {
-        "signer": identity.public_key,
-        "domain": domain,
-        "payload": payload,
-        "issued_at": wall_ms(),
-        "expires_at": wall_ms() + 60_000,
-        "nonce": os.urandom(16),
-    }
-    signature = identity.sign(envelope._signing_bytes(**fields))  # type: ignore[arg-type]
-    return codec.encode(Envelope(signature=signature, **fields))  # type: ignore[arg-type]
-
-
-def quote_request(job_id: str, **changes: object) -> QuoteRequest:
-    request = QuoteRequest(
-        job_id=job_id,
-        client=CLIENT.peer_id,
-        resources=Resources(cpus=1, memory_bytes=64 << 20),
-        limits=Limits(cpu_seconds=10, wall_seconds=10, memory_bytes=64 << 20),
-        max_price=100_000,
-        deadline=wall_ms() + 600_000,
-    )
-    return dataclasses.replace(request, **changes)
-
-
-@dataclass
-class Exchange:
-    error: BaseException | None = None
-    replies: list[bytes] = field(default_factory=list)
-
-
-async def exchange(
-    handler: Callable[[MemoryChannel], Awaitable[None]],
-    frames: list[bytes],
-    *,
-    pair: Pair | None = None,
-    close: bool = True,
-) -> Exchange:
-    """Serve one stream with ``handler`` while the peer sends ``frames``, then closes its side (or, with
-    ``close=False``, goes silent). Returns what the handler raised (only ``ALLOWED`` is caught) and its replies."""
-    pair = pair or channel_pair()
-    result = Exchange()
-
-    async def serve() -> None:
-        try:
-            await handler(pair.server)
-        except ALLOWED as exc:
-            result.error = exc
-        finally:
-            await pair.server.aclose()
-
-    async def read() -> None:
-        with contextlib.suppress(ChannelClosed):
-            while True:
-                result.replies.append(await pair.client.receive(MAX_FRAME_BYTES))
-
-    with trio.fail_after(3600):  # virtual time: a hang fails the test instead of hanging it
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
-            nursery.start_soon(read)
-            for frame in frames:
-                try:
-                    await pair.client.send(frame)
-                except ChannelClosed:
-                    break
-            if close:
-                await pair.finish_sending()
-    return result
-
-
-async def honest_negotiation(world: World, job_id: str | None = None) -> Agreement:
-    request = quote_request(job_id or world.job_id())
-    machine = ClientNegotiation(identity=CLIENT, request=request, provider=PROVIDER.peer_id)
-    pair = channel_pair()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(world.provider.rpc_negotiate, pair.server)
-            actions = machine.start(wall_ms())
-            while not machine.terminal:
-                for action in actions:
-                    if isinstance(action, Send):
-                        await world.client.send(pair.client, action.message)
-                if actions and isinstance(actions[-1], Quoted):
-                    actions = machine.accept(wall_ms())
-                    continue
-                actions = machine.receive(
-                    await world.client.receive(pair.client, (Quote, Reject, Agreement)), wall_ms()
-                )
-            await pair.client.aclose()
-    assert isinstance(machine.outcome, Completed), machine.outcome
-    return machine.outcome.agreement
-
-
-def job_spec(agreement: Agreement, **changes: object) -> JobSpec:
-    spec = JobSpec(
-        job_id=agreement.job_id,
-        client=CLIENT.peer_id,
-        agreement_hash=terms_hash(agreement),
-        command=("python3", "-c", "print(6*7)"),
-        limits=agreement.limits,
-    )
-    return dataclasses.replace(spec, **changes)
-
-
-async def client_job(world: World, agreement: Agreement) -> tuple[Reject | Receipt, bytes]:
-    """Run a job as an honest client would: the provider's Reject, or the receipt we countersigned; and stdout."""
-    pair = channel_pair()
-    stdout = b""
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(world.provider.rpc_job, pair.server)
-            await world.client.send(pair.client, job_spec(agreement))
-            answer = await world.client.receive(pair.client, (JobAccepted, Reject))
-            if isinstance(answer, JobAccepted):
-                while not isinstance(message := await world.client.receive(pair.client, (Chunk, JobResult)), JobResult):
-                    stdout += message.data if message.kind is ChunkKind.STDOUT else b""
-                answer = sign_as(CLIENT, await world.client.receive(pair.client, (Receipt,)), "client")
-                await world.client.send(pair.client, answer)
-            await pair.finish_sending()
-    return answer, stdout
-
-
-async def honest_job(world: World, agreement: Agreement) -> Receipt:
-    both, stdout = await client_job(world, agreement)
-    assert isinstance(both, Receipt), both
-    assert stdout == b"42\n"
-    row = world.store.get_job(agreement.job_id, "provider")
-    assert row is not None
-    assert row.state == "completed", row.error
-    return both
-
-
-def refused(result: Exchange) -> str:
-    assert isinstance(result.error, RemoteProtocolError), result.error
-    return result.error.code
-
 
 # ----------------------------------------------------------------------------------------------- first frames
 
@@ -362,14 +93,6 @@ def first_frame(name: str) -> bytes:
             CLIENT, JobSpec(job_id="first-frame", client=CLIENT.peer_id, agreement_hash=b"\x01" * 32, command=("true",))
         )
     return codec.encode(SyncRequest(since=0))
-
-
-def decodes_as(frame: bytes, expected: tuple[type, ...]) -> bool:
-    try:
-        codec.decode(frame, expected)
-    except RemoteProtocolError:
-        return False
-    return True
 
 
 @FUZZ
@@ -796,317 +519,3 @@ async def test_a_reused_job_id_does_not_break_the_provider(world, autojump_clock
     stored = world.store.get_receipt("same-id")
     assert stored is not None
     assert stored.receipt == first
-
-
-# ----------------------------------------------------------------------------------------------- reputation
-
-
-def bundle(
-    *,
-    cost: int = 42,
-    time: int | None = None,
-    issued_at: int | None = None,
-    rater: Identity = CLIENT,
-    score: int = 100,
-    outcome: Outcome = Outcome.SUCCESS,
-    job_id: str = "rated",
-) -> RecordBundle:
-    """A record signed by one of two real identities, bound to a receipt both signed: any values they like."""
-    now = NOW + int(trio.current_time() * 1000) if trio.lowlevel.in_trio_run() else NOW
-    receipt = Receipt(
-        job_id=job_id,
-        client=CLIENT.peer_id,
-        provider=PROVIDER.peer_id,
-        agreement_hash=b"\x04" * 32,
-        result_hash=b"\x05" * 32,
-        usage=Usage(),
-        cost=cost,
-        issued_at=now if issued_at is None else issued_at,
-    )
-    receipt = sign_as(PROVIDER, sign_as(CLIENT, receipt, "client"), "provider")
-    ratee = PROVIDER if rater is CLIENT else CLIENT
-    record = ReputationRecord(
-        rater=rater.peer_id,
-        ratee=ratee.peer_id,
-        receipt_hash=terms_hash(receipt),
-        outcome=outcome,
-        score=score,
-        time=now if time is None else time,
-    )
-    return make_bundle(rater, record, receipt)
-
-
-hostile_bundles = st.builds(
-    bundle,
-    cost=st.integers(0, (1 << 64) - 1),
-    time=st.one_of(st.none(), st.integers(0, (1 << 64) - 1)),
-    issued_at=st.one_of(st.none(), st.integers(0, (1 << 64) - 1)),
-    rater=st.sampled_from([CLIENT, PROVIDER]),
-    score=st.integers(0, 100),
-    outcome=st.sampled_from(Outcome),
-    job_id=st.sampled_from(["r1", "r2", "r3"]),
-)
-
-
-class FakeGossipHost:
-    """What consume_gossip and rate need of the host: the messages our validator let through."""
-
-    def __init__(self, messages: list[tuple[str, bytes]]) -> None:
-        self.messages = messages
-
-    async def gossip_messages(self, topic: str) -> AsyncIterator[tuple[str, bytes]]:
-        assert topic == REPUTATION_TOPIC
-        for message in self.messages:
-            yield message
-
-    async def publish(self, topic: str, data: bytes) -> None:
-        pass
-
-
-@FUZZ
-@given(items=st.lists(st.one_of(hostile_bundles.map(codec.encode), st.binary(max_size=256)), max_size=8))
-async def test_gossip_is_validated_counted_and_stored_without_crashing(world, autojump_clock, items):
-    service = world.reputation
-    before = sum(service.rejected.values())
-    passed = [("peer", data) for data in items if service.validate_gossip("peer", data)]
-    assert sum(service.rejected.values()) - before == len(items) - len(passed)  # every refusal counted
-    service.host = FakeGossipHost(passed)  # type: ignore[assignment]
-    await service.consume_gossip()  # what the validator accepted can be stored (it used to crash the node)
-    service.table()  # and trust computed from it
-    world.check()
-
-
-@FUZZ
-@given(
-    frames=st.lists(
-        st.one_of(
-            st.builds(
-                SyncRequest,
-                since=st.integers(0, (1 << 64) - 1),
-                after_id=st.sampled_from([b"", b"\x00" * 32, b"\xff" * 32]),
-                limit=st.integers(1, 500),
-            ).map(codec.encode),
-            st.binary(max_size=300),
-        ),
-        min_size=1,
-        max_size=5,
-    )
-)
-async def test_sync_requests(world, autojump_clock, frames):
-    world.reputation.records.put(verify_bundle(bundle(), now=wall_ms()), received_ms=wall_ms())
-    result = await exchange(world.reputation.rpc_sync, frames)
-    valid = list(itertools.takewhile(lambda f: decodes_as(f, (SyncRequest,)), frames))
-    assert len(result.replies) == len(valid)
-    for reply in result.replies:
-        codec.decode(reply, SyncResponse)
-    if len(valid) < len(frames):
-        refused(result)
-
-
-async def test_a_sync_request_from_the_far_future_gets_an_empty_page(world, autojump_clock):
-    """since = 2**64 - 1 used to raise OverflowError in SQLite (an internal error, not a refusal)."""
-    world.reputation.records.put(verify_bundle(bundle(), now=wall_ms()), received_ms=wall_ms())
-    result = await exchange(world.reputation.rpc_sync, [codec.encode(SyncRequest(since=(1 << 64) - 1))])
-    assert result.error is None
-    assert codec.decode(result.replies[0], SyncResponse) == SyncResponse(bundles=(), more=False)
-
-
-class PipeStream:
-    """One end of an in-memory byte stream with NetStream's interface, so the real StreamChannel and
-    net.send_frame / receive_frame run over it; writes are cut into pieces of at most ``dribble`` bytes."""
-
-    def __init__(
-        self,
-        send: trio.MemorySendChannel[bytes],
-        receive: trio.MemoryReceiveChannel[bytes],
-        remote_peer: str,
-        dribble: int,
-    ) -> None:
-        self._send, self._receive, self.remote_peer, self.protocol = send, receive, remote_peer, "/fuzz"
-        self._buffer = b""
-        self._dribble = dribble
-        self._counters = type("Counters", (), {"frames_too_large": 0})()
-
-    async def read_exactly(self, n: int) -> bytes:
-        while len(self._buffer) < n:
-            try:
-                self._buffer += await self._receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError) as exc:
-                raise net.StreamClosed("ended") from exc
-        out, self._buffer = self._buffer[:n], self._buffer[n:]
-        return out
-
-    async def write(self, data: bytes) -> None:
-        try:
-            for start in range(0, len(data), self._dribble):
-                await self._send.send(data[start : start + self._dribble])
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise net.StreamClosed("broken") from exc
-
-    async def close(self) -> None:
-        await self._send.aclose()
-
-    async def reset(self) -> None:
-        await self._send.aclose()
-        await self._receive.aclose()
-
-    _reset_shielded = reset
-
-
-def pipe(dribble: int) -> tuple[PipeStream, PipeStream]:
-    """(the provider's end, naming the client; the client's end, naming the provider)."""
-    a_send, b_recv = trio.open_memory_channel[bytes](1 << 20)
-    b_send, a_recv = trio.open_memory_channel[bytes](1 << 20)
-    return PipeStream(a_send, a_recv, CLIENT.peer_id, dribble), PipeStream(b_send, b_recv, PROVIDER.peer_id, dribble)
-
-
-class FakeSyncHost:
-    """open_stream() hands pull_from one end of a pipe; ``serve`` answers on the other."""
-
-    def __init__(self, nursery: trio.Nursery, serve: Callable[[StreamChannel], Awaitable[None]], dribble: int) -> None:
-        self.nursery, self.serve, self.dribble = nursery, serve, dribble
-
-    async def open_stream(self, peer: str, protocol: str) -> PipeStream:
-        ours, theirs = pipe(self.dribble)
-        self.nursery.start_soon(self._serve, StreamChannel(theirs))  # type: ignore[arg-type]
-        return ours
-
-    async def _serve(self, channel: StreamChannel) -> None:
-        with contextlib.suppress(*ALLOWED):
-            await self.serve(channel)
-
-
-SYNC_ANSWERS = ["honest", "garbage", "huge-announce", "truncated", "bad-bundles", "endless-more", "silence"]
-
-
-@FUZZ
-@given(
-    answers=st.lists(st.sampled_from(SYNC_ANSWERS), min_size=1, max_size=3),
-    dribble=st.integers(1, 4096),
-    hostile=st.lists(hostile_bundles, max_size=3),
-)
-async def test_pulling_from_a_hostile_peer(world, autojump_clock, answers, dribble, hostile):
-    """pull_from against peers answering anything: it raises only what sync_forever catches."""
-    honest_peer = world.peer
-    honest_peer.records.put(verify_bundle(bundle(job_id="pulled"), now=wall_ms()), received_ms=wall_ms())
-
-    async def hostile_peer(channel: StreamChannel) -> None:
-        for answer in answers:
-            if answer == "honest":
-                return await honest_peer.rpc_sync(channel)
-            await channel.receive(SyncRequest.MAX_BYTES)
-            if answer == "silence":
-                return await trio.sleep_forever()
-            frame = {
-                "garbage": os.urandom(40),
-                "bad-bundles": codec.encode(SyncResponse(bundles=tuple(hostile), more=False)),
-                "endless-more": codec.encode(SyncResponse(bundles=(bundle(job_id="more"),), more=True)),
-            }.get(answer, b"")
-            if answer == "huge-announce":
-                return await channel.stream.write((1 << 31).to_bytes(4, "big"))
-            if answer == "truncated":
-                return await channel.stream.write((100).to_bytes(4, "big") + b"\x93\x01")
-            await channel.send(frame)
-
-    with trio.fail_after(3600):
-        async with trio.open_nursery() as nursery:
-            world.reputation.host = FakeSyncHost(nursery, hostile_peer, dribble)  # type: ignore[assignment]
-            # what sync_forever catches; anything else would end the node
-            with contextlib.suppress(net.NetError, ChannelClosed, trio.TooSlowError, RemoteProtocolError):
-                await world.reputation.pull_from(CLIENT.peer_id)
-            nursery.cancel_scope.cancel()
-    world.reputation.table()
-
-
-async def test_a_record_costing_more_than_sqlite_holds_is_refused_on_every_path(world, autojump_clock):
-    """Two colluding identities can sign a receipt costing 2**64 - 1. The validator used to accept (and forward)
-    it, and storing it raised OverflowError in consume_gossip / pull_from: a crash of every node that got it."""
-    service = world.reputation
-    data = codec.encode(bundle(cost=(1 << 64) - 1))
-    assert not service.validate_gossip("peer", data)
-    assert service.rejected == {"malformed": 1}
-    service.host = FakeGossipHost([("peer", data)])  # type: ignore[assignment]
-    await service.consume_gossip()
-    response = codec.encode(SyncResponse(bundles=(codec.decode(data, RecordBundle),), more=False))
-
-    async def peer(channel: StreamChannel) -> None:
-        await channel.receive(SyncRequest.MAX_BYTES)
-        await channel.send(response)
-
-    async with trio.open_nursery() as nursery:
-        service.host = FakeSyncHost(nursery, peer, 4096)  # type: ignore[assignment]
-        assert await service.pull_from(CLIENT.peer_id) == 0
-    assert service.rejected == {"malformed": 3}
-    assert service.records.count() == 0
-
-
-# Found by scripts/fuzz/wire.py (atheris): msgpack lets map keys be bytes as well as str, and the codec sorts the
-# unknown ones for its error message. A sync request or response with one unknown key of each kind raised TypeError.
-MIXED_KEYS = msgpack.packb([1, "sync-request", {"since": 0, "a": 1, b"b": 1}], use_bin_type=True)
-MIXED_KEYS_RESPONSE = msgpack.packb(
-    [1, "sync-response", {"bundles": [], "more": False, "a": 1, b"b": 1}], use_bin_type=True
-)
-
-
-async def test_a_map_with_both_str_and_bytes_keys_is_malformed(world, autojump_clock):
-    assert refused(await exchange(world.reputation.rpc_sync, [MIXED_KEYS])) == "malformed"
-
-    async def peer(channel: StreamChannel) -> None:
-        await channel.receive(SyncRequest.MAX_BYTES)
-        await channel.send(MIXED_KEYS_RESPONSE)
-
-    async with trio.open_nursery() as nursery:
-        world.reputation.host = FakeSyncHost(nursery, peer, 4096)  # type: ignore[assignment]
-        with pytest.raises(RemoteProtocolError):  # what sync_forever catches
-            await world.reputation.pull_from(CLIENT.peer_id)
-
-
-async def test_rating_a_job_a_node_ran_for_itself_rates_nobody(world, autojump_clock):
-    """The provider's receipt hook rates the client. For a job a node ran for itself that raised LocalProtocolError
-    (a record cannot name its rater twice) out of the loopback stream, and the node stopped."""
-    receipt = Receipt(
-        job_id="self",
-        client=PROVIDER.peer_id,
-        provider=PROVIDER.peer_id,
-        agreement_hash=bytes(32),
-        result_hash=bytes(32),
-        usage=Usage(),
-        cost=1,
-        issued_at=wall_ms(),
-    )
-    receipt = sign_as(PROVIDER, sign_as(PROVIDER, receipt, "client"), "provider")
-    world.reputation.host = FakeGossipHost([])  # type: ignore[assignment]
-    assert await world.reputation.rate(receipt=receipt, outcome=Outcome.SUCCESS, score=100) is None
-    assert world.reputation.records.count() == 0
-
-
-async def test_a_frame_dribbled_byte_by_byte_is_served_and_every_cut_is_dropped(world, autojump_clock):
-    """The real StreamChannel over a byte stream: one byte at a time works; a stream cut anywhere is dropped."""
-    frame = sealed(CLIENT, quote_request("dribble"))
-    wire = len(frame).to_bytes(4, "big") + frame
-
-    async def run(data: bytes) -> Exchange:
-        provider_end, client_end = pipe(1)
-        await client_end.write(data)  # one byte per read on the provider's side
-        await client_end.close()
-        result = Exchange()
-        with trio.fail_after(3600):
-            try:
-                await world.provider.rpc_negotiate(StreamChannel(provider_end))  # type: ignore[arg-type]
-            except ALLOWED as exc:
-                result.error = exc
-            finally:
-                await provider_end.close()  # as the stream adapter does
-        with contextlib.suppress(net.StreamClosed):
-            while True:
-                result.replies.append(await client_end.read_exactly(int.from_bytes(await client_end.read_exactly(4))))
-        return result
-
-    whole = await run(wire)
-    assert whole.error is None
-    codec.decode(whole.replies[0], Envelope)  # the quote
-    for cut in range(0, len(wire), 7):
-        result = await run(wire[:cut])
-        assert result.error is None or isinstance(result.error, ChannelClosed | RemoteProtocolError), result.error
-    assert refused(await run((1 << 30).to_bytes(4, "big"))) == "oversized"
-    world.check()
