@@ -65,6 +65,7 @@ class NodeConfig:
     sync_interval_seconds: float = 30.0
     max_active_jobs: int = 16  # [jobs]: see node/market/queue.py
     max_unfinished_jobs: int = 10_000
+    busy_patience_seconds: float = 600.0  # [jobs]: how long a job waits while every fitting provider is busy
     owner: OwnerPolicy = field(default_factory=OwnerPolicy)  # [owner]; max_jobs comes from [provide]
     owner_check_seconds: float = 5.0
     runtimes: tuple[tuple[str, str], ...] = ()  # (name, venv path) from [runtimes]; see node.runtimes
@@ -137,6 +138,9 @@ sync_interval_seconds = 30
 # only max_active of them look for providers or run at a time; the rest wait in the queue, in order.
 max_active = 16
 max_unfinished = 10000
+# A job whose every fitting provider is busy waits (state "queued") and asks again; after this many seconds of
+# nothing but "busy" it fails, saying so.
+busy_patience_seconds = 600
 
 [pricing]
 # Prices in milli-credits (1 credit = 1000). The cost of a job is
@@ -314,7 +318,7 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         "pricing": {"start_fee", "per_cpu_second", "per_gib_second", "per_gpu_second"},
         "trust": {"verify_below", "replicas", "sync_interval_seconds"},
         "limits": set(LIMIT_KEYS),
-        "jobs": {"max_active", "max_unfinished"},
+        "jobs": {"max_active", "max_unfinished", "busy_patience_seconds"},
         "owner": OWNER_KEYS,
     }
     for section, table in raw.items():
@@ -393,6 +397,10 @@ def _apply(raw: dict[str, Any], base: NodeConfig, path: Path) -> NodeConfig:
         ),
         max_active_jobs=_at_least_one(raw.get("jobs", {}), "max_active", base.max_active_jobs),
         max_unfinished_jobs=_at_least_one(raw.get("jobs", {}), "max_unfinished", base.max_unfinished_jobs),
+        busy_patience_seconds=_positive(
+            _get(raw.get("jobs", {}), "busy_patience_seconds", number, "jobs", base.busy_patience_seconds),
+            "jobs.busy_patience_seconds",
+        ),
         config_file=path,
     )
 

@@ -521,7 +521,8 @@ async def _serve(
                                find_providers=node.find_peer_ids, provider=provider, jobs_dir=jobs_dir,
                                clock_ms=wall_clock_ms, reputation=reputation, verify_below=config.verify_below,
                                replicas=config.replicas, max_active=config.max_active_jobs,
-                               max_unfinished=config.max_unfinished_jobs)  # fmt: skip
+                               max_unfinished=config.max_unfinished_jobs,
+                               busy_patience_s=config.busy_patience_seconds)  # fmt: skip
         metrics = NodeMetrics(store=store, net_statistics=host.statistics, reputation_statistics=reputation.statistics)
         node.metrics = metrics
         node.jobs.on_quote_latency = metrics.observe_quote

@@ -52,14 +52,14 @@ def set_config(node, section: str, **values: object) -> None:
     path.write_text(text)
 
 
-async def start_network(launcher, n_providers, *, replicas=1, client_config=None):
+async def start_network(launcher, n_providers, *, replicas=1, client_config=None, **node_kwargs):
     """``n_providers`` providers on fixed ports and one ``--no-provide`` client; verification replicas are off
     unless asked for (a job then runs once when nothing fails; replicas are tested in test_market_cluster.py)."""
     providers = []
     for i in range(n_providers):
-        node = launcher.make(f"p{i}", extra_args=["--listen", f"/ip4/127.0.0.1/tcp/{free_port()}"])
+        node = launcher.make(f"p{i}", extra_args=["--listen", f"/ip4/127.0.0.1/tcp/{free_port()}"], **node_kwargs)
         providers.append(node)
-    client = launcher.make("client", extra_args=["--no-provide"])
+    client = launcher.make("client", extra_args=["--no-provide"], **node_kwargs)
     for node in [*providers, client]:
         set_config(node, "trust", replicas=replicas)
     for section, values in (client_config or {}).items():
@@ -182,10 +182,17 @@ async def test_churn_kills_and_restarts_providers_while_jobs_run_and_nothing_is_
     100 jobs, not the issue's 200: on 2 cores a job round trip costs ~0.2 s of CPU across the nodes and each
     restart ~3 s of CPU, so 100 jobs under churn fit in about a minute; 200 would double that and add nothing
     the invariants do not already see.
+
+    Ads live 30 s (refreshed every 10 s), not the harness's 3 s: with restarts eating both cores a 3 s ad
+    expired before its provider could refresh it, and jobs failed with "no provider fits" while four of five
+    providers were up (41-43 of 100 completed; with 30 s ads 100 of 100). Production ads live 120 s. The
+    client's busy patience is 60 s so a job waiting on busy providers ends within the test's deadline.
     """
     rng = random.Random(7)
     with trio.fail_after(240):
-        providers, client = await start_network(launcher, 5)
+        providers, client = await start_network(
+            launcher, 5, client_config={"jobs": {"busy_patience_seconds": 60}}, ttl=30, refresh=10
+        )
         submitted: dict[str, int] = {}
         killed: set[str] = set()
         done = trio.Event()

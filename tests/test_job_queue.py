@@ -64,3 +64,9 @@ def test_jobs_section_of_the_config(tmp_path):
     path.write_text("[jobs]\nmax_unfinished = 0\n")
     with pytest.raises(ConfigError, match=r"jobs\.max_unfinished: must be at least 1, got 0"):
         load_config_file(path, NodeConfig(data_dir=tmp_path))
+    assert config.busy_patience_seconds == 600  # the default: a job waits 10 minutes for a busy provider
+    path.write_text("[jobs]\nbusy_patience_seconds = 2.5\n")
+    assert load_config_file(path, NodeConfig(data_dir=tmp_path)).busy_patience_seconds == 2.5
+    path.write_text("[jobs]\nbusy_patience_seconds = 0\n")
+    with pytest.raises(ConfigError, match=r"jobs\.busy_patience_seconds"):
+        load_config_file(path, NodeConfig(data_dir=tmp_path))

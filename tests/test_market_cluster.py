@@ -15,8 +15,10 @@ from tests.cluster import wait_until
 pytestmark = pytest.mark.slow
 
 
-async def start_network(launcher, floors, *, client_args=("--no-provide",)):
-    """Providers with the given per-CPU-second floors, and one client node; all bootstrapped from the first."""
+async def start_network(launcher, floors, *, client_args=("--no-provide",), client_config=""):
+    """Providers with the given per-CPU-second floors, and one client node; all bootstrapped from the first.
+
+    ``client_config`` is appended to the client's config.toml."""
     providers = []
     first = launcher.make("p0", per_cpu_second=floors[0])
     await launcher.start(first)
@@ -27,6 +29,8 @@ async def start_network(launcher, floors, *, client_args=("--no-provide",)):
             providers.append(node)
             nursery.start_soon(launcher.start, node)
         client = launcher.make("client", bootstrap=[first.address], extra_args=list(client_args))
+        with (client.data_dir / "config.toml").open("a") as config:
+            config.write(client_config)
         nursery.start_soon(launcher.start, client)
     ids = {p.peer_id for p in providers}
 
@@ -174,3 +178,29 @@ async def test_jobs_beyond_the_free_slots_queue_until_a_slot_frees(launcher):
         jobs = [await client.wait_job(j) for j in job_ids]
         assert [j["state"] for j in jobs] == ["completed"] * 4, [j["error"] for j in jobs]
         assert all(j["provider"] == provider.peer_id and len(j["attempts"]) == 1 for j in jobs)
+
+
+async def test_a_job_gives_up_when_every_provider_stays_busy_past_its_patience(launcher):
+    """``[jobs] busy_patience_seconds``: a job that only ever hears "busy" fails after it, saying why."""
+    with trio.fail_after(150):
+        (provider,), client = await start_network(launcher, [10], client_config="[jobs]\nbusy_patience_seconds = 2\n")
+        script = "import time; print('started', flush=True); time.sleep(60)"  # holds its slot until cancelled
+        holders = [await client.submit(["python3", "-c", script], timeout=60) for _ in range(2)]  # both slots
+
+        async def running():
+            return [(await client.api("GET", f"/v1/jobs/{j}"))["state"] for j in holders] == ["running"] * 2
+
+        await wait_until(running, interval=0.1)
+        job = await client.wait_job(await client.submit(["echo", "late"], timeout=30))
+        assert job["state"] == "failed", job
+        assert job["error"] == (
+            "gave up after waiting 2 s for a free provider ([jobs] busy_patience_seconds): "
+            "1 provider: 1 busy (your max price is 100000 milli-credits)"
+        )
+        assert job["attempts"] == []  # it never ran anywhere
+        ran = {j["job_id"] for j in (await provider.api("GET", "/v1/jobs"))["jobs"] if j["role"] == "provider"}
+        assert ran == set(holders)
+        for job_id in holders:
+            await client.api("POST", f"/v1/jobs/{job_id}/cancel")
+        for job_id in holders:
+            assert (await client.wait_job(job_id))["state"] == "cancelled"

@@ -344,6 +344,9 @@ class JobManager:
                         text += "; then " + explain_failures(reasons, max_price=req["max_price"], candidates=candidates)
                 else:
                     text = explain_failures(reasons, max_price=req["max_price"], candidates=candidates)
+                if reasons and may_wait:  # it was waiting, and its patience ran out
+                    text = f"gave up after waiting {self.busy_patience_s:g} s for a free provider ([jobs] " \
+                        f"busy_patience_seconds): {text}"  # fmt: skip
                 self._set(job_id, state="failed", error=text)
                 return
             agreement, provider = chosen
