@@ -13,6 +13,7 @@ Theory of operation
 A provider that dies, stalls (no heartbeat), refuses, or sends a bad digest or a wrong receipt ends that attempt;
 the job goes to the next candidate with the same job id (at-least-once), up to ``max_attempts``. Every attempt is
 recorded, so a job that ran twice says so. A job nobody takes fails with the reasons of every candidate.
+A completed run is then checked by replicas when its provider is not trusted enough yet (node/market/verify.py).
 After a restart, unfinished jobs are resumed from the start (their attempts history shows the restart).
 """
 
@@ -34,6 +35,7 @@ from node.market.provider import ProviderService
 from node.market.queue import DEFAULT_MAX_ACTIVE, DEFAULT_MAX_UNFINISHED, JobQueue
 from node.market.requests import SubmitRequest, new_job_id, sha256_file
 from node.market.transfer import DigestMismatch, receive_file, send_file
+from node.market.verify import ResultDisputed, Run, Verifier
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel, loopback_pair
 from node.reputation.service import ReputationService
 from node.store import JobRow, Store
@@ -68,7 +70,7 @@ from protocol.messages import (
 )
 from protocol.negotiation import ClientNegotiation, Completed, Failed, Quoted, Send
 from protocol.pricing import cost_of
-from protocol.verification import REFUSE_BELOW, VERIFY_BELOW, majority, needs_replica
+from protocol.verification import REFUSE_BELOW, VERIFY_BELOW
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +93,9 @@ class AttemptFailed(Exception):
     """This provider did not deliver (died, stalled, refused, lied). The job moves on to the next candidate."""
 
 
-class ResultDisputed(Exception):
-    """Replicas of the job disagree and no majority exists: the job fails rather than return a guess."""
-
-
-@dataclass
-class _Run:
-    provider: str
-    wire_id: str
-    outcome: dict[str, Any]
-
-    @property
-    def fingerprint(self) -> tuple[Any, ...]:
-        result = self.outcome["result"]
-        outputs = tuple(sorted((name, o["sha256"]) for name, o in result["outputs"].items()))
-        return (self.outcome["exit_status"], result["stdout_sha256"], outputs)
-
-
 def base_job_id(wire_id: str) -> str:
     """The job a wire id belongs to: verification replicas run as ``<job id>-v<n>``."""
     return re.sub(r"-v\d+$", "", wire_id)
-
-
-def _with_note(outcome: dict[str, Any], note: str, verified_by: list[str]) -> dict[str, Any]:
-    result = dict(outcome["result"], verification=note, verified_by=verified_by)
-    return dict(outcome, result=result, provider=result["provider"])
 
 
 @dataclass
@@ -167,9 +147,9 @@ class JobManager:
         self.max_attempts = max_attempts
         self.reputation = reputation
         self.trust = reputation.trust if reputation is not None else trust
-        self.verify_below = verify_below
         self.refuse_below = refuse_below
-        self.replicas = replicas
+        self.verifier = Verifier(replicate=self._replicate, rate=self._rate, trust=self.trust, jobs_dir=jobs_dir,
+                                 verify_below=verify_below, replicas=replicas)  # fmt: skip
         self.discovery_patience_s = discovery_patience_s
         self.busy_patience_s = busy_patience_s
         self.queue = JobQueue(max_unfinished=max_unfinished, max_active=max_active)
@@ -363,7 +343,7 @@ class JobManager:
                 patience = trio.current_time() + self.discovery_patience_s
                 continue
             try:
-                outcome = await self._verify(job_id, req, provider, outcome, excluded | {provider})
+                outcome = await self.verifier.verify(job_id, req, provider, outcome, excluded | {provider})
             except ResultDisputed as exc:
                 self.store.end_attempt(job_id, attempt, now_ms=self.clock_ms(), outcome="disputed", reason=str(exc))
                 self._set(job_id, state="failed", error=str(exc))
@@ -387,7 +367,7 @@ class JobManager:
         if self.reputation is not None and row is not None:
             await self.reputation.rate(receipt=row.receipt, outcome=outcome, score=score)
 
-    async def _replicate(self, job_id: str, req: dict[str, Any], n: int, exclude: set[str]) -> _Run | None:
+    async def _replicate(self, job_id: str, req: dict[str, Any], n: int, exclude: set[str]) -> Run | None:
         """Run the job again as ``<id>-v<n>`` on a provider not in ``exclude``; None if nobody could."""
         wire_id = f"{job_id}-v{n}"
         for _ in range(self.max_attempts):
@@ -403,58 +383,8 @@ class JobManager:
                 log.info("replica %s on %s failed: %s", wire_id, provider, exc)
                 exclude = exclude | {provider}
                 continue
-            return _Run(provider, wire_id, outcome)
+            return Run(provider, wire_id, outcome)
         return None
-
-    async def _verify(
-        self, job_id: str, req: dict[str, Any], provider: str, outcome: dict[str, Any], excluded: set[str]
-    ) -> dict[str, Any]:
-        """Adaptive verification: replicate the job when ``provider`` is not trusted enough yet.
-
-        Returns the outcome to store (the majority's, when the first provider was outvoted), with a
-        ``verification`` note in its result. Raises :class:`ResultDisputed` when results differ and no
-        majority can be had.
-        """
-        primary = _Run(provider, job_id, outcome)
-        trust = self.trust(provider)
-        decision = needs_replica(trust, verify_below=self.verify_below, replicas=self.replicas)
-        if not decision.replicate:
-            await self._rate(job_id, Outcome.SUCCESS, 100)
-            return _with_note(outcome, decision.note, [])
-        replica = await self._replicate(job_id, req, 1, set(excluded))
-        if replica is None:
-            await self._rate(job_id, Outcome.SUCCESS, 100)
-            return _with_note(outcome, "unverified: no second provider was available for a replica", [])
-        runs = [primary, replica]
-        if primary.fingerprint != replica.fingerprint:
-            tie = await self._replicate(job_id, req, 2, set(excluded) | {replica.provider})
-            if tie is None:
-                raise ResultDisputed(
-                    f"results of {provider[:16]}… and {replica.provider[:16]}… differ, and no third provider could "
-                    "break the tie"
-                )
-            runs.append(tie)
-        agreeing = majority([run.fingerprint for run in runs])
-        if agreeing is None:
-            raise ResultDisputed("three providers returned three different results")
-        winners = [runs[i] for i in agreeing]
-        for run in runs:
-            good = run in winners
-            await self._rate(run.wire_id, Outcome.SUCCESS if good else Outcome.BAD_RESULT, 100 if good else 0)
-        others = [r.provider for r in winners if r is not primary]
-        if primary in winners:
-            return _with_note(outcome, f"matched by {len(others)} replica(s)", others)
-        best = winners[0]
-        job_dir = self.jobs_dir / job_id
-        source = job_dir / best.wire_id.rsplit("-", 1)[1]
-        for name in ("stdout", "stderr"):
-            (source / name).replace(job_dir / name)
-        if (source / "outputs").exists():
-            shutil.rmtree(job_dir / "outputs", ignore_errors=True)
-            (source / "outputs").replace(job_dir / "outputs")
-        fixed = dict(best.outcome)
-        fixed["result"] = dict(fixed["result"], provider=best.provider)
-        return _with_note(fixed, f"{provider[:16]}… was outvoted: its result differed from the majority", others)
 
     def _quote_request(self, job_id: str, req: dict[str, Any]) -> QuoteRequest:
         from protocol.messages import Limits, Resources
