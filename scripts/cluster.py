@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -142,14 +142,14 @@ class NodeInfo:
             return False
         return self.pid > 0 and state != "Z" and str(self.data_dir).encode() in cmdline
 
-    def spawn(self, *, bootstrap: str | None, fast: bool) -> subprocess.Popen[bytes]:
+    def spawn(self, *, bootstrap: Collection[str], fast: bool) -> subprocess.Popen[bytes]:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         refresh, ttl = (1, 3) if fast else (5, 15)
         config = node_config(refresh=refresh, ttl=ttl, host=self.host, api_host=self.api_host)
         (self.data_dir / "config.toml").write_text(config)
         env = node_env({"COOP_FAKE_NVML": json.dumps(FAKE_NVML)} if self.fake_gpu else {})
         net = NodeNet(self.netns, self.host, self.api_host) if self.netns else None
-        argv = node_argv(self.data_dir, bootstrap=[bootstrap] if bootstrap else [], provides=self.provides, net=net)
+        argv = node_argv(self.data_dir, bootstrap=bootstrap, provides=self.provides, net=net)
         with (self.data_dir / "log").open("wb") as log:
             process = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -183,7 +183,8 @@ class Cluster:
 
     @classmethod
     def start(cls, n: int, *, base: Path = DEFAULT_BASE, clients: Collection[int] = (), gpus_fake: int = 0,
-              fast: bool = False, timeout: float = READY_TIMEOUT_S, netns: bool = False) -> Cluster:  # fmt: skip
+              fast: bool = False, timeout: float = READY_TIMEOUT_S, netns: bool = False,
+              seeds: int = 1) -> Cluster:  # fmt: skip
         """Start ``n`` nodes; return once all are ready. On any failure, or Ctrl-C, stop those started.
 
         Args:
@@ -192,6 +193,8 @@ class Cluster:
             gpus_fake: the first ``gpus_fake`` nodes see one fake RTX 4090 (``COOP_FAKE_NVML``).
             fast: refresh ads every 1 s with a ttl of 3 s (the tests' cadence) instead of 5 s and 15 s.
             netns: each node in a network namespace of its own (scripts/netns.py), named from ``base``'s path.
+            seeds: the first ``seeds`` nodes start first (node 0, then the others from it); every later node
+                bootstraps from two of them, in turn, so no single node takes every join at once.
 
         Raises:
             ClusterError: a cluster is already up in ``base``; a node exited, or was not ready in time; the
@@ -211,17 +214,33 @@ class Cluster:
                 for i, node in enumerate(nodes):
                     net = cluster.netns.node(i)
                     node.netns, node.host, node.api_host = net.namespace, net.address, net.api_host
-            cluster._start(nodes[:1], bootstrap=None, fast=fast, timeout=timeout)
-            cluster._start(nodes[1:], bootstrap=nodes[0].address, fast=fast, timeout=timeout)
+            seeds = max(1, min(seeds, n))
+            cluster._start(nodes[:1], bootstrap=[], fast=fast, timeout=timeout)
+            cluster._start(nodes[1:seeds], bootstrap=[nodes[0].address], fast=fast, timeout=timeout)
+            addresses = [node.address for node in nodes[:seeds]]
+            pick = (
+                (lambda i: [addresses[i % seeds], addresses[(i + 1) % seeds]]) if seeds > 1 else (lambda i: addresses)
+            )
+            cluster._start(nodes[seeds:], bootstrap=pick, fast=fast, timeout=timeout)
             cluster.save()
         except BaseException:
             cluster.stop()
             raise
         return cluster
 
-    def _start(self, nodes: list[NodeInfo], *, bootstrap: str | None, fast: bool, timeout: float) -> None:
-        for node in nodes:
-            self._processes[node.name] = node.spawn(bootstrap=bootstrap, fast=fast)
+    def _start(
+        self,
+        nodes: list[NodeInfo],
+        *,
+        bootstrap: list[str] | Callable[[int], list[str]],
+        fast: bool,
+        timeout: float,
+    ) -> None:
+        """Spawn ``nodes`` (bootstrapping from ``bootstrap``, or ``bootstrap(i)`` for the i-th) and wait until
+        all are ready."""
+        for i, node in enumerate(nodes):
+            addresses = bootstrap(i) if callable(bootstrap) else bootstrap
+            self._processes[node.name] = node.spawn(bootstrap=addresses, fast=fast)
         deadline = time.monotonic() + timeout
         pending = [node for node in nodes if not node.check_ready(self._processes[node.name])]
         while pending:
@@ -324,7 +343,13 @@ def _table(cluster: Cluster) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     clients = set() if args.providers_only or args.n == 1 else {0 if args.first_client else args.n - 1}
     cluster = Cluster.start(
-        args.n, base=args.base, clients=clients, gpus_fake=args.gpus_fake, fast=args.fast, netns=args.netns
+        args.n,
+        base=args.base,
+        clients=clients,
+        gpus_fake=args.gpus_fake,
+        fast=args.fast,
+        netns=args.netns,
+        seeds=args.seeds,
     )
     user = min(clients, default=args.n - 1)
     if not cluster.wait_discovery(user):
@@ -366,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--gpus-fake", type=int, default=0, metavar="K", help="one fake GPU on each of the first K nodes")
     up.add_argument("--fast", action="store_true", help="ads every 1 s, ttl 3 s (as the tests); default 5 s / 15 s")
     up.add_argument("--netns", action="store_true", help="each node in its own network namespace (needs root)")
+    up.add_argument("--seeds", type=int, default=1, metavar="S",
+                    help="each later node joins through two of the first S nodes (default 1: node 0)")  # fmt: skip
     up.set_defaults(handler=cmd_up)
     sub.add_parser("status", help="show each node alive or dead").set_defaults(handler=cmd_status)
     sub.add_parser("down", help="stop every node (SIGTERM, SIGKILL after 10 s), remove its namespaces").set_defaults(

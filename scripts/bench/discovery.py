@@ -118,7 +118,7 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any] | None:
         print(f"N={n}: starting {n} nodes (load average {os.getloadavg()[0]:.1f})", flush=True)
         t = time.monotonic()
         with node_config(SYNC_S), progress(base, n):
-            cluster = Cluster.start(n, base=base, clients={n - 1}, timeout=START_TIMEOUT_S)
+            cluster = Cluster.start(n, base=base, clients={n - 1}, timeout=START_TIMEOUT_S, seeds=args.seeds)
         started = time.monotonic() - t
         print(f"N={n}: all ready after {started:.0f} s", flush=True)
         try:
@@ -165,6 +165,8 @@ def main() -> int:
     parser.add_argument("--sizes", default="10,30,100", help="cluster sizes, comma-separated (default 10,30,100)")
     parser.add_argument("--finds", type=int, default=5, help="finds per querying node (default 5)")
     parser.add_argument("--queriers", type=int, default=4, help="nodes that run finds, the client included (4)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="join through the first S nodes, two each (default 1)")  # fmt: skip
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if min(sizes) < 3 or args.finds < 1 or args.queriers < 1:

@@ -254,7 +254,7 @@ async def catchup(cluster: Cluster, api: Api, client: Path, jobs: int, wait_s: f
         print("  catch-up: not every live node got the records in time", flush=True)
     await trio.sleep(max(0.0, t0 + DOWN_AFTER_S - time.time()))
     with node_config(CATCHUP_SYNC_S):
-        start = partial(cluster._start, [victim], bootstrap=cluster.nodes[0].address, fast=False, timeout=600)
+        start = partial(cluster._start, [victim], bootstrap=[cluster.nodes[0].address], fast=False, timeout=600)
         await trio.to_thread.run_sync(start)
     ready = time.time()
     await api.aclose(victim.name)
