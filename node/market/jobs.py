@@ -196,6 +196,12 @@ class JobManager:
         self._nursery.start_soon(self._run_job, job_id, scope)
 
     def _set(self, job_id: str, **fields: Any) -> None:
+        current = self.store.get_job(job_id, "client")
+        if current is not None and current.state in TERMINAL:
+            # An ended job stays ended. The user's cancel ends it at once, but the job's task runs on until its next
+            # checkpoint, and a library on the way may swallow the cancellation (a dial that fails instead), so
+            # that task may still try to mark the job "queued"; it must not bring a cancelled job back.
+            return
         row = self.store.update_job(job_id, "client", now_ms=self.clock_ms(), **fields)
         if self.on_job_ended is not None and row.state in TERMINAL:
             self.on_job_ended(row)
