@@ -3,43 +3,37 @@ for what every test here asserts)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import itertools
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgpack
+import pytest
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
 from node import net
-from node.market.wire import StreamChannel
-from protocol.reputation import REPUTATION_TOPIC, SyncRequest, SyncResponse, verify_bundle
+from node.market.wire import ChannelClosed, StreamChannel
+from protocol import codec
+from protocol.cosign import sign_as
+from protocol.envelope import Envelope
+from protocol.errors import RemoteProtocolError
+from protocol.messages import Outcome, Receipt, Usage
+from protocol.reputation import REPUTATION_TOPIC, RecordBundle, SyncRequest, SyncResponse, verify_bundle
 from tests.fuzz_world import (
     ALLOWED,
     CLIENT,
     FUZZ,
     PROVIDER,
-    Awaitable,
-    Callable,
-    ChannelClosed,
-    Envelope,
     Exchange,
-    Outcome,
-    Receipt,
-    RecordBundle,
-    RemoteProtocolError,
-    Usage,
     bundle,
-    codec,
-    contextlib,
     decodes_as,
     exchange,
-    itertools,
-    os,
-    pytest,
     quote_request,
     refused,
     sealed,
-    sign_as,
-    trio,
     wall_ms,
 )
 

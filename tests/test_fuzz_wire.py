@@ -18,33 +18,29 @@ Signed-message time follows trio's clock (``autojump_clock``), so timeouts and e
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 from collections import Counter as Tally
 
+import pytest
+import trio
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 from node.market.provider import RESERVATION_S, STEP_TIMEOUT_S
-from protocol.envelope import domain_of
-from protocol.errors import LocalProtocolError
-from protocol.messages import FileRef, RejectCode
-from protocol.negotiation import agreement_for
-from protocol.reputation import SyncRequest, SyncResponse
-from tests.factories import all_messages
-from tests.fuzz_world import (
-    ALLOWED,
-    CLIENT,
-    FUZZ,
-    MALLORY,
-    MAX_FRAME_BYTES,
-    NEGOTIATE_TYPES,
+from node.market.wire import MAX_FRAME_BYTES, ChannelClosed
+from protocol import codec, envelope
+from protocol.cosign import sign_as, terms_hash
+from protocol.envelope import Envelope, domain_of
+from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.messages import (
     Accept,
     Agreement,
-    ChannelClosed,
     Chunk,
     ChunkKind,
     Counter,
-    Envelope,
-    Exchange,
+    FileRef,
     JobAccepted,
     JobResult,
     JobSpec,
@@ -54,30 +50,32 @@ from tests.fuzz_world import (
     QuoteRequest,
     Receipt,
     Reject,
-    RemoteProtocolError,
+    RejectCode,
     Resources,
+)
+from protocol.negotiation import agreement_for
+from protocol.reputation import SyncRequest, SyncResponse
+from tests.factories import all_messages
+from tests.fuzz_world import (
+    ALLOWED,
+    CLIENT,
+    FUZZ,
+    MALLORY,
+    NEGOTIATE_TYPES,
+    Exchange,
     bundle,
     channel_pair,
     client_job,
-    codec,
-    contextlib,
-    dataclasses,
     decodes_as,
     digest,
-    envelope,
     exchange,
     honest_job,
     honest_negotiation,
     job_spec,
-    os,
-    pytest,
     quote_request,
     refused,
     sealed,
-    sign_as,
     signed_around,
-    terms_hash,
-    trio,
     wall_ms,
 )
 
