@@ -33,7 +33,7 @@ from typing import Any, Final, TextIO
 import psutil
 import trio
 
-from node import hints, net
+from node import net
 from node.api import FindQuery, new_token, serve_api, write_api_file
 from node.api_dashboard import LoginCodes, dashboard_routes
 from node.api_jobs import job_routes
@@ -62,7 +62,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.identity import Identity
 from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID, runtime_mismatch
 from protocol.messages import CapacityAd, GpuSpec, Outcome, Receipt, Resources, Runtime
-from protocol.records import CAP_PREFIX, cap_key, select_ad_record, validate_ad_record
+from protocol.records import CAP_PREFIX, cap_key, class_key, select_ad_record, validate_ad_record
 from protocol.reputation import REPUTATION_TOPIC, SYNC_PROTOCOL_ID
 
 logger = logging.getLogger(__name__)
@@ -324,8 +324,8 @@ class Node:
         envelope = seal(self.identity, ad, now=now, ttl_ms=ttl_ms, nonce=secrets.token_bytes(16))
         await self.host.dht_put(cap_key(self.identity.peer_id), codec.encode(envelope))
         classes = resource_classes(cap) if cap.cpus else []  # nothing offered: no hints either
-        lead_ms = int(2 * self.config.ad_refresh_seconds * 1000) + self._skew_ms  # the next window's keys are full
-        await hints.announce(self.host, classes, now_ms=now, lead_ms=lead_ms, skew_ms=self._skew_ms)
+        for resource_class in classes:
+            await self.host.provide(class_key(resource_class))
         self._last_ad = ad
         self.ad_state = AdState(seq=seq, published_at_ms=now, expires_at_ms=now + ttl_ms, classes=classes)
 
@@ -378,9 +378,7 @@ class Node:
         Given a ``trace``, the provider lookup's queries, rounds, hops and time are recorded in it.
         """
         resource_class = "gpu" if query.gpus or query.gpu_model else "cpu"
-        candidates = await hints.find(
-            self.host, resource_class, now_ms=self.clock_ms(), count=FIND_PROVIDERS_PER_CLASS, trace=trace
-        )
+        candidates = await self.host.find_providers(class_key(resource_class), FIND_PROVIDERS_PER_CLASS, trace=trace)
         logger.debug("find %s: provider hints %s", resource_class, candidates)
         found: dict[str, dict[str, Any]] = {}
         if self._last_ad is not None and ad_matches(self._last_ad, query):

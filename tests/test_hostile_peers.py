@@ -30,7 +30,7 @@ from protocol.messages import (
     Resources,
 )
 from protocol.negotiation import ClientNegotiation, Quoted, Send
-from protocol.records import AD_TTL_MS, cap_key, provider_hint_keys
+from protocol.records import AD_TTL_MS, cap_key, class_key
 from tests.cluster import wait_until
 
 pytestmark = pytest.mark.slow
@@ -171,8 +171,7 @@ async def test_a_provider_that_lies_in_its_quote_is_refused(launcher):
                             sandbox_tier="bwrap", price_sheet=PriceSheet(), addrs=tuple(host.addrs()))  # fmt: skip
             envelope = seal(liar, ad, now=now_ms(), ttl_ms=AD_TTL_MS, nonce=secrets.token_bytes(16))
             await host.dht_put(cap_key(liar.peer_id), codec.encode(envelope))
-            for key in provider_hint_keys("cpu", liar.peer_id, now_ms=now_ms(), lead_ms=60_000):
-                await host.provide(key)
+            await host.provide(class_key("cpu"))
 
             async def client_sees_liar():
                 return liar.peer_id in {p["peer_id"] for p in await client.cli("find")}

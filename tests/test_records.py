@@ -5,20 +5,7 @@ import pytest
 from protocol import codec
 from protocol.envelope import seal
 from protocol.errors import BadSignature, Expired, MalformedMessage, RemoteProtocolError, WrongSigner
-from protocol.identity import Identity
-from protocol.records import (
-    AD_TTL_MS,
-    HINT_EPOCH_MS,
-    HINT_SHARDS,
-    cap_key,
-    class_key,
-    hint_epoch,
-    hint_key_epoch,
-    hint_shard,
-    provider_hint_keys,
-    select_ad_record,
-    validate_ad_record,
-)
+from protocol.records import AD_TTL_MS, cap_key, class_key, select_ad_record, validate_ad_record
 from tests.factories import ALICE, BOB, MALLORY, NOW, capacity_ad, nonce
 
 
@@ -28,41 +15,10 @@ def ad_record(identity=BOB, *, seq=1, now=NOW, ad=None):
 
 
 def test_keys_are_short_and_distinct():
-    epoch = hint_epoch(NOW)
     assert len(cap_key(BOB.peer_id)) < 50
-    far_future = hint_epoch(10**15)  # a 9-digit hour, year 33,658
-    assert len(class_key("gpu:nvidia-geforce-rtx-4090-with-a-very-long-name", epoch=far_future, shard=7)) < 50
+    assert len(class_key("gpu:nvidia-geforce-rtx-4090-with-a-very-long-name")) < 50
     assert cap_key(BOB.peer_id) != cap_key(ALICE.peer_id)
-    keys = {class_key(c, epoch=e, shard=s) for c in ("cpu", "gpu") for e in (epoch, epoch + 1)
-            for s in (None, *range(HINT_SHARDS))}  # fmt: skip
-    assert len(keys) == 2 * 2 * (1 + HINT_SHARDS)
-    assert all(hint_key_epoch(k) in (epoch, epoch + 1) for k in keys)
-    assert hint_key_epoch(cap_key(BOB.peer_id)) is None
-    assert hint_key_epoch("/coop/cls/12/short") is None
-    with pytest.raises(ValueError, match="no hint key"):
-        class_key("cpu", epoch=epoch, shard=HINT_SHARDS)
-
-
-def test_a_provider_announces_its_shard_and_the_next_window_only_near_its_start():
-    start = hint_epoch(NOW) * HINT_EPOCH_MS
-    mid = start + HINT_EPOCH_MS // 2
-    keys = provider_hint_keys("cpu", BOB.peer_id, now_ms=mid, lead_ms=60_000)
-    shard = hint_shard(BOB.peer_id)
-    assert keys == [class_key("cpu", epoch=hint_epoch(mid)), class_key("cpu", epoch=hint_epoch(mid), shard=shard)]
-    late = start + HINT_EPOCH_MS - 30_000
-    keys = provider_hint_keys("cpu", BOB.peer_id, now_ms=late, lead_ms=60_000)
-    assert [hint_key_epoch(k) for k in keys] == [hint_epoch(late)] * 2 + [hint_epoch(late) + 1] * 2
-    assert provider_hint_keys("mem:32g", BOB.peer_id, now_ms=mid, lead_ms=0) == [
-        class_key("mem:32g", epoch=hint_epoch(mid))
-    ]  # a narrow class nobody's find asks for gets its main key only
-
-
-def test_hint_shards_spread_peers_evenly():
-    counts = [0] * HINT_SHARDS
-    for _ in range(800):
-        counts[hint_shard(Identity.generate().peer_id)] += 1
-    assert min(counts) > 60, counts  # 100 each expected; 6 sigma is about 57
-    assert max(counts) < 140, counts
+    assert class_key("cpu") != class_key("gpu")
 
 
 def test_valid_ad_is_accepted():

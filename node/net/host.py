@@ -442,24 +442,6 @@ class NetHost:
         """
         return await self._dht.provider_store.provide(_check_dht_key(key))
 
-    def forget_provider_keys(self, stale: Callable[[str], bool]) -> int:
-        """Drop every provider key (as text) for which ``stale`` holds: the records we store for it, and our own
-        announcement of it (py-libp2p would republish that every 22 h, and keep the records 48 h). Returns how
-        many keys were dropped. Keys that are not UTF-8 are not ours and are left alone."""
-        store = self._dht.provider_store
-        dropped = 0
-        for raw_key in {*store.providers, *store.providing_keys}:
-            try:
-                key = raw_key.decode()
-            except UnicodeDecodeError:
-                continue
-            if stale(key):
-                store.providers.pop(raw_key, None)
-                store.providing_keys.discard(raw_key)
-                store._last_republish.pop(raw_key, None)
-                dropped += 1
-        return dropped
-
     async def find_providers(self, key: str, count: int, *, trace: LookupTrace | None = None) -> list[str]:
         """Peer ids that announced ``key``, deduplicated, at most ``count``. Hints only: confirm over a stream.
 
