@@ -427,8 +427,8 @@ async def test_a_thousand_queued_jobs_bounded_memory_back_pressure_responsive_ap
                 assert waiting["error"].startswith("waiting for one of this node's 16 job slots"), waiting
                 for job_id in sleepers:
                     if not (await http.post(f"/v1/jobs/{job_id}/cancel")).json()["cancelled"]:
-                        # A sleeper ended by itself. Seen twice in about 20 runs under load: "sandbox-error" after
-                        # 10 s of wall time, empty stderr. Say all we know, for whoever sees it next.
+                        # A sleeper ended by itself. Once this was "sandbox-error" after 10 s: the worker thread that
+                        # forked it had exited (see node/sandbox/spawn.py). Say all we know, should it come back.
                         job = await client.api("GET", f"/v1/jobs/{job_id}")
                         logs = [line for p in providers for line in p.lines if not line.startswith("coop:")][-30:]
                         raise AssertionError(f"sleeper {job_id} ended by itself: {job['termination']}, {job}, {logs}")

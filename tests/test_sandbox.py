@@ -300,3 +300,19 @@ async def test_env_reaches_the_job_but_no_command_line(executor: Executor, work:
         result = await executor.run(spec, on_output=on_output, cancel_scope=scope)
     assert result.stdout.startswith(f"{secret}\n".encode()), result
     assert exposed == []  # not in bwrap's or the launcher's argv, which any local user can read
+
+
+async def test_a_job_outlives_the_worker_thread_that_started_it(
+    executor: Executor, work: Path, marker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sandbox dies with the *thread* that forked it (PDEATHSIG, bwrap --die-with-parent). trio's
+    `open_process` forks in a worker thread, and an idle worker exits after 10 s: jobs then died after ~10 s as
+    "sandbox-error" (seen under load in CI). Worker threads here idle out after 50 ms; the job must run on."""
+    from trio._core import _thread_cache  # the idle timeout is private; shortening it is the fault injected
+
+    monkeypatch.setattr(_thread_cache, "IDLE_TIMEOUT", 0.05)
+    code = "import time\nprint('ready', flush=True)\ntime.sleep(1.5)\nprint('done', flush=True)"
+    with trio.fail_after(20):
+        result = await run(executor, work, jobs.py(code, marker))
+    assert (result.termination, result.exit_status) == (Termination.EXITED, 0), result
+    assert result.stdout == b"ready\ndone\n", result

@@ -2,8 +2,9 @@
 
 Theory of operation (rules):
 
-* Jobs are spawned with `trio.lowlevel.open_process` from the trio loop thread (PDEATHSIG and bwrap's
-  --die-with-parent fire when the *spawning thread* exits, so never from a thread pool).
+* Jobs are forked in the trio thread itself (`spawn.spawn`): PDEATHSIG and bwrap's --die-with-parent fire when
+  the *forking thread* exits, and `trio.lowlevel.open_process` forks in a worker thread that trio retires after
+  10 s idle, which killed jobs about 10 s in.
 * The kernel enforces CPU (RLIMIT_CPU), file size, open files, processes, memory (cgroup, else RLIMIT_AS) and
   isolation. The daemon enforces the wall clock, the output cap, total CPU across processes and total disk use,
   by polling, and cancellation through a trio cancel scope.
@@ -21,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, final
@@ -35,6 +35,7 @@ from node.sandbox.errors import AdmissionRefused, SandboxUnavailable
 from node.sandbox.job import RunningJob, SpawnFds
 from node.sandbox.policy import Capacity, JobFacts, admit, classify
 from node.sandbox.seccomp import build_filter
+from node.sandbox.spawn import spawn
 from node.sandbox.spec import ExecResult, ExecSpec, Termination, Tier, Usage
 
 log = logging.getLogger(__name__)
@@ -200,10 +201,9 @@ class Executor:
         try:
             argv, private = self._argv(spec, tier, cgroup, fds)
             fds.fill_private(private)
-            proc = await trio.lowlevel.open_process(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=fds.for_child(tier), start_new_session=True, env={"PATH": command.BASE_PATH}, cwd="/",
-            )  # fmt: skip
+            proc = spawn(
+                argv, pass_fds=fds.for_child(tier), start_new_session=True, env={"PATH": command.BASE_PATH}, cwd="/"
+            )
         except OSError as exc:
             os.close(fds.status_r)
             return self._setup_failed(spec, tier, f"cannot start the sandbox: {exc}")
@@ -216,8 +216,6 @@ class Executor:
         try:
             with scope:
                 async with trio.open_nursery() as nursery:
-                    assert proc.stdout is not None
-                    assert proc.stderr is not None
                     nursery.start_soon(self._pump, job, proc.stdout, "stdout", on_output)
                     nursery.start_soon(self._pump, job, proc.stderr, "stderr", on_output)
                     nursery.start_soon(self._read_status, job, status_stream)
@@ -246,9 +244,8 @@ class Executor:
                 await self._wait_pid1_gone(job)
                 self._jobs.remove(job)
                 self._finished_cpu += job.cpu_seconds()
-                for stream in (status_stream, proc.stdout, proc.stderr):
-                    if stream is not None:
-                        await stream.aclose()
+                await status_stream.aclose()
+                await proc.aclose()
         return await self._result(job)
 
     async def _pump(

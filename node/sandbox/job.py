@@ -11,13 +11,14 @@ import psutil
 import trio
 
 from node.sandbox.cgroups import JobCgroup
+from node.sandbox.spawn import Child
 from node.sandbox.spec import ExecSpec, Termination, Tier
 
 
 class RunningJob:
     """The state of one running job, shared by the executor's tasks."""
 
-    def __init__(self, spec: ExecSpec, tier: Tier, proc: trio.Process, cgroup: JobCgroup | None) -> None:
+    def __init__(self, spec: ExecSpec, tier: Tier, proc: Child, cgroup: JobCgroup | None) -> None:
         self.spec = spec
         self.tier = tier
         self.proc = proc
