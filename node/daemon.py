@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -599,7 +600,9 @@ async def _make_provider(
         if not runtime.usable:
             node.say(f"runtime {runtime.name} not offered: {runtime.error}")
     node.runtimes = tuple(r.wire() for r in runtimes if r.usable)
-    work_root = choose_work_root(config.data_dir)
+    work_root, stale = await trio.to_thread.run_sync(choose_work_root, config.data_dir)
+    if stale:
+        node.say(f"removed {stale} job work dir(s) left in {work_root} by a node that did not stop cleanly")
     return ProviderService(identity=identity, messenger=messenger, store=store, executor=executor,
                            work_root=work_root, price_sheet=config.price_sheet, capacity=node.capacity_tuple,
                            max_concurrent=config.max_jobs, clock_ms=wall_clock_ms, runtimes=runtimes)  # fmt: skip
@@ -625,12 +628,23 @@ def work_root_for(data_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"coop-work-{tag}"
 
 
-def choose_work_root(data_dir: Path) -> Path:
-    """Create (0711) and return ``work_root_for(data_dir)``; the daemon removes it at exit if it is in /tmp."""
+def choose_work_root(data_dir: Path) -> tuple[Path, int]:
+    """Create (0711) and return ``work_root_for(data_dir)``, emptied of job dirs a killed daemon left behind
+    (no job runs before this daemon starts one, and the data dir is this daemon's alone), and how many it removed.
+
+    The daemon removes the root at exit if it is in /tmp.
+    """
     root = work_root_for(data_dir)
     root.mkdir(mode=0o711, exist_ok=True)
     root.chmod(0o711)
-    return root
+    stale = 0
+    for entry in root.iterdir():
+        stale += 1
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return root, stale
 
 
 def _handler(rpc: Callable[[FrameChannel], Any]) -> Callable[[net.NetStream], Any]:

@@ -26,6 +26,7 @@ import psutil
 import pytest
 import trio
 
+from node.daemon import work_root_for
 from protocol import codec
 from protocol.cosign import verify_both
 from protocol.messages import Receipt
@@ -336,6 +337,9 @@ async def test_provider_restarts_during_input_execution_and_result_return_lose_n
             job_id = await client.submit(command, timeout=30, memory_bytes=256 << 20, **fields)
             victim = await phase(lambda: where(job_id, step), step)  # noqa: B023 (awaited here)
             await restart(launcher, victim)
+            # the killed run's work dir (with its input or output) is gone once the provider is back
+            assert not [p for p in work_root_for(victim.data_dir).iterdir() if p.name.startswith(job_id)], step
+            assert any(line.startswith("coop: removed 1 job work dir(s) left in ") for line in victim.lines), step
             job = await client.wait_job(job_id)
             assert job["state"] == "completed", (step, job["error"], job["attempts"])
             first, second = job["attempts"]
