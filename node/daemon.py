@@ -34,7 +34,7 @@ from typing import Any, Final, TextIO
 import psutil
 import trio
 
-from node import net
+from node import hints, net
 from node.api import FindQuery, new_token, serve_api, write_api_file
 from node.api_dashboard import LoginCodes, dashboard_routes
 from node.api_jobs import job_routes
@@ -211,6 +211,7 @@ class Node:
         self.lan = LanJoiner(host, say=self.say)  # peers found by mDNS
         self.relays = RelayKeeper(host, config.relays, retry_max_s=config.bootstrap_retry_max_seconds, say=self.say)
         self.ad_state = AdState()
+        self.classes_changed = trio.Event()  # set when an ad offers other classes: their shard hints follow
         self.capacity: MachineCapacity | None = None
         self._nvml = nvml_from_env(os.environ)
         self._last_ad: CapacityAd | None = None
@@ -328,6 +329,9 @@ class Node:
         for resource_class in classes:
             await self.host.provide(class_key(resource_class))
         self._last_ad = ad
+        if classes != self.ad_state.classes:
+            self.classes_changed.set()
+            self.classes_changed = trio.Event()
         self.ad_state = AdState(seq=seq, published_at_ms=now, expires_at_ms=now + ttl_ms, classes=classes)
 
     async def republish(self) -> None:
@@ -379,7 +383,7 @@ class Node:
         Given a ``trace``, the provider lookup's queries, rounds, hops and time are recorded in it.
         """
         resource_class = "gpu" if query.gpus or query.gpu_model else "cpu"
-        candidates = await self.host.find_providers(class_key(resource_class), FIND_PROVIDERS_PER_CLASS, trace=trace)
+        candidates = await hints.find(self.host, resource_class, FIND_PROVIDERS_PER_CLASS, trace=trace)
         logger.debug("find %s: provider hints %s", resource_class, candidates)
         found: dict[str, dict[str, Any]] = {}
         if self._last_ad is not None and ad_matches(self._last_ad, query):
@@ -564,6 +568,11 @@ async def _serve(
                     assert node.owner is not None
                     await nursery.start(node.owner.serve)  # decides before the first ad
                     await nursery.start(node.advertise_forever)
+                    shards_every = max(hints.SHARD_REFRESH_S, config.ad_refresh_seconds)
+                    nursery.start_soon(
+                        partial(hints.announce_shards_forever, every=shards_every),
+                        host, lambda: node.ad_state.classes, lambda: node.classes_changed,
+                    )  # fmt: skip
                     assert node.capacity is not None
                     node.say(f"offering {describe_capacity(node.capacity)}, jobs sandboxed with {node.sandbox_tier}")
                 else:

@@ -3,6 +3,12 @@
 Keys are short (py-libp2p drops non-multihash keys over 50 bytes from multi-hop lookups), so long names are
 hashed: ``/coop/cap/<32 hex>`` for a peer's ad and ``/coop/cls/<32 hex>`` for a resource class's provider hints.
 
+Shard keys: py-libp2p's storing nodes keep at most k = 20 providers per key, first come first kept (and a record
+lives 48 h). One key per class would list at most about 20 providers however large the network. So a provider of
+a broad class (:data:`SHARDED_CLASSES`) also announces under one of :data:`HINT_SHARDS` shard keys, picked by its
+peer id (:func:`hint_shard`), and a finder asks the shards when the class's main key answers k or more (full: some
+providers may be missing). A class then lists up to k x (1 + shards) providers, and small networks pay nothing.
+
 A capacity ad record is the bytes of an :class:`~protocol.envelope.Envelope` holding a
 :class:`~protocol.messages.CapacityAd`. :func:`validate_ad_record` accepts it only if the signature verifies,
 the ad's peer is the signer, the key is that peer's own key (no storing ads under someone else's key), and the
@@ -35,9 +41,29 @@ def cap_key(peer_id: str) -> str:
     return CAP_PREFIX + _short(peer_id)
 
 
-def class_key(resource_class: str) -> str:
-    """The DHT key under which providers of a resource class (``cpu``, ``mem:8g``, ``gpu:...``) are hinted."""
-    return CLASS_PREFIX + _short(resource_class)
+HINT_SHARDS: Final = 8
+PROVIDERS_PER_KEY: Final = 20  # what a storing node keeps per key (py-libp2p: k, its BUCKET_SIZE)
+SHARDED_CLASSES: Final = frozenset({"cpu", "gpu"})  # the classes a find asks for; narrow ones get no shards
+
+
+def class_key(resource_class: str, shard: int | None = None) -> str:
+    """The DHT key under which providers of a resource class (``cpu``, ``mem:8g``, ``gpu:...``) are hinted.
+
+    ``shard`` (0 to :data:`HINT_SHARDS` - 1) names one of the class's shard keys instead of its main key.
+
+    Raises:
+        ValueError: no such shard.
+    """
+    if shard is None:
+        return CLASS_PREFIX + _short(resource_class)
+    if not 0 <= shard < HINT_SHARDS:
+        raise ValueError(f"no hint shard {shard}: shards are 0 to {HINT_SHARDS - 1}")
+    return CLASS_PREFIX + _short(f"{resource_class}#{shard}")
+
+
+def hint_shard(peer_id: str) -> int:
+    """The shard key a provider announces under: fixed by its peer id, spread evenly."""
+    return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "big") % HINT_SHARDS
 
 
 @final

@@ -5,7 +5,16 @@ import pytest
 from protocol import codec
 from protocol.envelope import seal
 from protocol.errors import BadSignature, Expired, MalformedMessage, RemoteProtocolError, WrongSigner
-from protocol.records import AD_TTL_MS, cap_key, class_key, select_ad_record, validate_ad_record
+from protocol.identity import Identity
+from protocol.records import (
+    AD_TTL_MS,
+    HINT_SHARDS,
+    cap_key,
+    class_key,
+    hint_shard,
+    select_ad_record,
+    validate_ad_record,
+)
 from tests.factories import ALICE, BOB, MALLORY, NOW, capacity_ad, nonce
 
 
@@ -19,6 +28,22 @@ def test_keys_are_short_and_distinct():
     assert len(class_key("gpu:nvidia-geforce-rtx-4090-with-a-very-long-name")) < 50
     assert cap_key(BOB.peer_id) != cap_key(ALICE.peer_id)
     assert class_key("cpu") != class_key("gpu")
+
+
+def test_shard_keys_are_distinct_short_and_spread_evenly():
+    keys = {class_key("cpu"), *(class_key("cpu", n) for n in range(HINT_SHARDS))}
+    assert len(keys) == 1 + HINT_SHARDS
+    assert all(len(k) < 50 for k in keys)
+    assert class_key("gpu", 0) != class_key("cpu", 0)
+    with pytest.raises(ValueError, match="no hint shard 8"):
+        class_key("cpu", HINT_SHARDS)
+    with pytest.raises(ValueError, match="no hint shard -1"):
+        class_key("cpu", -1)
+    counts = [0] * HINT_SHARDS
+    for _ in range(800):
+        counts[hint_shard(Identity.generate().peer_id)] += 1
+    assert min(counts) > 50  # 100 expected per shard; a skewed or constant pick fails here
+    assert hint_shard(BOB.peer_id) == hint_shard(BOB.peer_id)
 
 
 def test_valid_ad_is_accepted():
