@@ -7,7 +7,9 @@ one nursery until SIGINT/SIGTERM:
 * one bootstrap keeper per bootstrap peer: connect, seed the routing table, refresh it; when the peer is down or
   drops, retry with doubling back-off up to ``bootstrap_retry_max_seconds``;
 * the advertiser (unless ``--no-provide``): every ``ad_refresh_seconds`` probe capacity, sign a CapacityAd valid
-  for ``ad_ttl_seconds``, store it in the DHT under this node's own key, and provide the resource-class hints.
+  for ``ad_ttl_seconds`` and store it in the DHT under this node's own key;
+* the hint announcer (:mod:`node.hints`): provider records for the ad's resource classes, at start, when the
+  classes change, and at a slower, backing-off pace than the ad (the DHT keeps them 48 h).
 
 Wall-clock time (for signed expiry) comes from one callable, :attr:`Node.clock_ms`; everything else uses trio's
 clock.
@@ -63,7 +65,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.identity import Identity
 from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID, runtime_mismatch
 from protocol.messages import CapacityAd, GpuSpec, Outcome, Receipt, Resources, Runtime
-from protocol.records import CAP_PREFIX, cap_key, class_key, select_ad_record, validate_ad_record
+from protocol.records import CAP_PREFIX, cap_key, select_ad_record, validate_ad_record
 from protocol.reputation import REPUTATION_TOPIC, SYNC_PROTOCOL_ID
 
 logger = logging.getLogger(__name__)
@@ -211,7 +213,7 @@ class Node:
         self.lan = LanJoiner(host, say=self.say)  # peers found by mDNS
         self.relays = RelayKeeper(host, config.relays, retry_max_s=config.bootstrap_retry_max_seconds, say=self.say)
         self.ad_state = AdState()
-        self.classes_changed = trio.Event()  # set when an ad offers other classes: their shard hints follow
+        self.classes_changed = trio.Event()  # set when an ad offers other classes: their hints follow
         self.capacity: MachineCapacity | None = None
         self._nvml = nvml_from_env(os.environ)
         self._last_ad: CapacityAd | None = None
@@ -325,9 +327,7 @@ class Node:
         ttl_ms = int(self.config.ad_ttl_seconds * 1000)
         envelope = seal(self.identity, ad, now=now, ttl_ms=ttl_ms, nonce=secrets.token_bytes(16))
         await self.host.dht_put(cap_key(self.identity.peer_id), codec.encode(envelope))
-        classes = resource_classes(cap) if cap.cpus else []  # nothing offered: no hints either
-        for resource_class in classes:
-            await self.host.provide(class_key(resource_class))
+        classes = resource_classes(cap) if cap.cpus else []  # nothing offered: no hints either (node/hints.py)
         self._last_ad = ad
         if classes != self.ad_state.classes:
             self.classes_changed.set()
@@ -568,9 +568,8 @@ async def _serve(
                     assert node.owner is not None
                     await nursery.start(node.owner.serve)  # decides before the first ad
                     await nursery.start(node.advertise_forever)
-                    shards_every = max(hints.SHARD_REFRESH_S, config.ad_refresh_seconds)
-                    nursery.start_soon(
-                        partial(hints.announce_shards_forever, every=shards_every),
+                    await nursery.start(
+                        partial(hints.announce_forever, first_interval=config.ad_refresh_seconds),
                         host, lambda: node.ad_state.classes, lambda: node.classes_changed,
                     )  # fmt: skip
                     assert node.capacity is not None

@@ -1,13 +1,20 @@
-"""Provider hints in the DHT beyond one key's 20: announcing shard keys, and finding through them.
+"""Provider hints in the DHT: announcing a provider's resource classes, and finding who announced one.
 
 The keys are protocol/records.py's (a main key per class, and :data:`HINT_SHARDS` shard keys for the broad
-classes); this module does the I/O over :class:`~node.net.NetHost`. Hints are only hints: the finder confirms each
-by fetching the provider's signed ad.
+classes, past the 20 providers one key holds); this module does the I/O over :class:`~node.net.NetHost`. Hints
+are only hints: the finder confirms each by fetching the provider's signed ad.
 
-A provider announces its main keys with every ad refresh (node/daemon.py). Its shard keys are announced by
-:func:`announce_shards_forever`, a task of its own, so that the extra DHT walks never delay an ad refresh (an ad
-that lapses while hints are announced is worse than a hint that comes a little late), and seldom: py-libp2p keeps
-provider records for 48 h, so repeating them every ad refresh would only cost walks.
+A provider's hints are announced by :func:`announce_forever`, a task apart from the ad refresh (node/daemon.py):
+
+* an ad is a signed record that expires and must be re-put every refresh; a hint is a provider record that
+  py-libp2p's storing nodes keep 48 h. Re-announcing every class with every ad (one DHT walk and 20 stores per
+  key) was two thirds of an idle provider's DHT walks, for records that were still held.
+* an ad that lapses while hint walks run is worse than a hint that comes a little late: when the hints were
+  announced inside the refresh, ads with short TTLs lapsed under load (the first sharding attempt, reverted).
+
+Hints go out as the node starts (before it says ready), whenever the ad's classes change, and again after one ad
+refresh, doubling up to every 10 min: a young node's neighbourhood changes most (peers joining near the keys
+that did not hold the first announcement), an old one's rarely.
 """
 
 from __future__ import annotations
@@ -24,31 +31,50 @@ from protocol.records import HINT_SHARDS, PROVIDERS_PER_KEY, SHARDED_CLASSES, cl
 
 log = logging.getLogger(__name__)
 
-SHARD_REFRESH_S: Final = 600.0  # re-announce shard keys this often (for nodes that joined near them since)
+MAX_ANNOUNCE_INTERVAL_S: Final = 600.0
 
 
-async def announce_shards(host: net.NetHost, classes: list[str]) -> list[str]:
-    """Announce ``host`` under its shard key of each sharded class in ``classes``; returns the keys announced."""
-    keys = [class_key(c, hint_shard(host.peer_id)) for c in classes if c in SHARDED_CLASSES]
+def hint_keys(peer_id: str, classes: list[str]) -> list[str]:
+    """The keys a provider of ``classes`` announces: each class's main key, then its shard key of the broad ones."""
+    shard = hint_shard(peer_id)
+    return [class_key(c) for c in classes] + [class_key(c, shard) for c in classes if c in SHARDED_CLASSES]
+
+
+async def announce(host: net.NetHost, classes: list[str]) -> list[str]:
+    """Announce ``host`` as a provider of ``classes`` (:func:`hint_keys`, one at a time); returns the keys."""
+    keys = hint_keys(host.peer_id, classes)
     for key in keys:
         await host.provide(key)
     return keys
 
 
-async def announce_shards_forever(
-    host: net.NetHost, classes: Callable[[], list[str]], changed: Callable[[], trio.Event], *, every: float
+async def announce_forever(
+    host: net.NetHost,
+    classes: Callable[[], list[str]],
+    changed: Callable[[], trio.Event],
+    *,
+    first_interval: float,
+    max_interval: float = MAX_ANNOUNCE_INTERVAL_S,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Announce the shard keys of ``classes()`` now, then whenever the event ``changed()`` returns is set (the ad's
-    classes changed) and at least every ``every`` seconds. Failures are logged and retried at the next turn."""
+    """Announce the hints of ``classes()`` now (then report started), again whenever the event ``changed()`` returns
+    is set (the ad's classes changed), and after ``first_interval`` seconds, doubling up to ``max_interval``.
+    A failure is logged and retried at the next turn."""
+    interval = first_interval
+    started = False
     while True:
         event = changed()
         try:
-            keys = await announce_shards(host, classes())
-            log.debug("announced hint shard keys %s", keys)
+            keys = await announce(host, classes())
+            log.debug("announced provider hints %s", keys)
         except (ValueError, RemoteProtocolError, net.NetError) as exc:
-            log.info("could not announce hint shard keys (will retry): %s", exc)
-        with trio.move_on_after(every):
+            log.info("could not announce provider hints (will retry): %s", exc)
+        if not started:
+            task_status.started()
+            started = True
+        with trio.move_on_after(interval):
             await event.wait()
+        interval = min(interval * 2, max_interval)
 
 
 async def find(

@@ -55,9 +55,10 @@ async def test_a_class_lists_more_providers_than_one_key_holds(monkeypatch: pyte
     with trio.fail_after(60):
         async with network(monkeypatch) as (finder, providers):
             for provider in providers:  # one at a time: every storing node keeps the same first two
-                await provider.provide(class_key("cpu"))
-                assert await hints.announce_shards(provider, ["cpu", "mem:8g"]) == [
-                    class_key("cpu", hint_shard(provider.peer_id))  # a narrow class has no shards
+                assert await hints.announce(provider, ["cpu", "mem:8g"]) == [
+                    class_key("cpu"),
+                    class_key("mem:8g"),
+                    class_key("cpu", hint_shard(provider.peer_id)),  # a narrow class has no shards
                 ]
             assert len(await finder.find_providers(class_key("cpu"), 100)) == CAP  # one key lists two of six
 
@@ -71,7 +72,7 @@ async def test_a_main_key_that_is_not_full_is_the_whole_answer(monkeypatch: pyte
         async with network(monkeypatch) as (finder, providers):
             await providers[0].provide(class_key("gpu"))
             for provider in providers:
-                await hints.announce_shards(provider, ["gpu"])
+                await provider.provide(class_key("gpu", hint_shard(provider.peer_id)))
             # One provider on the main key: below the cap, so the shards (which list all six) are not asked.
             assert await hints.find(finder, "gpu", 100, full_at=CAP) == [providers[0].peer_id]
 
@@ -88,23 +89,31 @@ class RecordingHost:
         return True
 
 
-async def test_shard_keys_are_announced_at_start_on_change_and_every_period(
+async def test_hints_are_announced_at_start_on_change_and_ever_less_often(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     host = RecordingHost(Identity.generate().peer_id)
     shard = hint_shard(host.peer_id)
     classes = ["cpu"]
     changed = trio.Event()
+    cpu = [class_key("cpu"), class_key("cpu", shard)]
     async with trio.open_nursery() as nursery:
-        announce = partial(hints.announce_shards_forever, every=600.0)
-        nursery.start_soon(announce, host, lambda: classes, lambda: changed)
-        await trio.sleep(100)
-        assert host.provided == [(0.0, class_key("cpu", shard))]
+        announce = partial(hints.announce_forever, first_interval=60.0, max_interval=600.0)
+        await nursery.start(announce, host, lambda: classes, lambda: changed)
+        assert host.provided == [(0.0, k) for k in cpu]  # before it reports started (the node says ready after)
+        await trio.sleep(30)
         classes = ["cpu", "gpu", "gpu:nvidia-a100"]  # a GPU is offered now
         changed.set()
         changed = trio.Event()
         await trio.sleep(1)
-        assert host.provided[1:] == [(100.0, class_key("cpu", shard)), (100.0, class_key("gpu", shard))]
-        await trio.sleep(700)
-        assert [t for t, _key in host.provided[3:]] == [700.0, 700.0]  # 600 s after the last turn
+        gpu = [
+            class_key("cpu"),
+            class_key("gpu"),
+            class_key("gpu:nvidia-a100"),
+            *(class_key(c, shard) for c in ["cpu", "gpu"]),
+        ]
+        assert host.provided[2:] == [(30.0, k) for k in gpu]
+        await trio.sleep(3000)
         nursery.cancel_scope.cancel()
+    turns = sorted({t for t, _key in host.provided})
+    assert turns == [0.0, 30.0, 150.0, 390.0, 870.0, 1470.0, 2070.0, 2670.0]  # +120, 240, 480, then 600 s each

@@ -5,7 +5,7 @@
 For each N, N ``node start`` processes (scripts/cluster.py; node N-1 is a ``--no-provide`` client, the other N-1
 provide the ``cpu`` class). Ads are refreshed every 30 s (ttl 90 s) instead of the harness's 5 s, as in
 gossip.py, so that up to 100 processes on 2 cores are mostly idle. Once every node is ready, the client polls
-``GET /v1/find?cpus=1`` until it sees every provider (the "converged" column: how long after the last node was
+``GET /v1/find?cpus=1`` every 5 s until it sees every provider (the "converged" column: how long after the last node was
 ready), then the cluster is left alone 10 s and its idle CPU and each node's RSS (``/proc/PID/status`` VmRSS) are
 read. Then Q nodes (the client and Q-1 providers spread over the index range) each run F finds, one at a time.
 
@@ -45,6 +45,7 @@ from scripts.cluster import Cluster, NodeInfo
 
 START_TIMEOUT_S = 900.0
 CONVERGE_TIMEOUT_S = 300.0
+CONVERGE_POLL_S = 5.0  # each poll is a find: a DHT walk, then a DHT get per provider, so not too often
 FIGURES = ["walk_ms", "total_ms", "find_ms", "hops", "rounds", "queried", "provider_queries", "providers", "found"]
 
 
@@ -78,7 +79,7 @@ def converge(http: httpx.Client, providers: int) -> tuple[float, int]:
         best = max(best, find(http)["found"])
         if best >= providers:
             break
-        time.sleep(1)  # the providers' ads spread through other processes' DHT: poll
+        time.sleep(CONVERGE_POLL_S)  # the providers' ads spread through other processes' DHT: poll
     return time.monotonic() - t, best
 
 
