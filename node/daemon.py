@@ -73,6 +73,10 @@ logger = logging.getLogger(__name__)
 FIND_LOOKUP_TIMEOUT_S: Final = 5.0
 FIND_CACHE_S: Final = 3.0
 FIND_PROVIDERS_PER_CLASS: Final = 100
+# A provider's verified ad is reused this long (never past its expiry). Fetching one is a DHT walk, GET_VALUE at
+# the closest peers and py-libp2p's entry-correction PUTs, per provider per find: at 30 nodes, a find every 5 s
+# kept both cores busy. Its load figure may be this much older; the quote that follows is always fresh.
+AD_CACHE_S: Final = 30.0
 MAX_AD_ADDRS: Final = 8
 
 
@@ -220,6 +224,7 @@ class Node:
         self.sandbox_tier = "none"
         self.runtimes: tuple[Runtime, ...] = ()  # offered in the ad (set when the provider starts)
         self._find_cache: dict[FindQuery, tuple[float, list[str]]] = {}
+        self._ad_cache: dict[str, tuple[float, CapacityAd, int]] = {}  # peer -> (reuse until, ad, expires at ms)
         self.jobs: JobManager | None = None
         self.store: Store | None = None
         self.reputation: ReputationService | None = None
@@ -358,6 +363,12 @@ class Node:
     # ------------------------------------------------------------------------------------------- finding
 
     async def _fetch_ad(self, peer_id: str, query: FindQuery, found: dict[str, dict[str, Any]]) -> None:
+        cached = self._ad_cache.get(peer_id)
+        if cached is not None and cached[0] > trio.current_time() and cached[2] > self.clock_ms():
+            _until, ad, expires_at_ms = cached
+            if ad_matches(ad, query):
+                found[peer_id] = ad_to_json(ad, expires_at_ms=expires_at_ms)
+            return
         key = cap_key(peer_id)
         with trio.move_on_after(FIND_LOOKUP_TIMEOUT_S):
             try:
@@ -374,8 +385,10 @@ class Node:
                 logger.debug("ad of %s refused: %s", peer_id, exc)
                 return
             self.host.learn_circuits(peer_id, verified.ad.addrs)  # relayed addresses, for when a direct dial fails
+            expires_at_ms = verified.envelope.expires_at
+            self._ad_cache[peer_id] = (trio.current_time() + AD_CACHE_S, verified.ad, expires_at_ms)
             if ad_matches(verified.ad, query):
-                found[peer_id] = ad_to_json(verified.ad, expires_at_ms=verified.envelope.expires_at)
+                found[peer_id] = ad_to_json(verified.ad, expires_at_ms=expires_at_ms)
 
     async def find(self, query: FindQuery, *, trace: net.LookupTrace | None = None) -> list[dict[str, Any]]:
         """Providers whose signed, unexpired ads satisfy ``query`` (hints confirmed by fetching the ad).
@@ -385,6 +398,8 @@ class Node:
         resource_class = "gpu" if query.gpus or query.gpu_model else "cpu"
         candidates = await hints.find(self.host, resource_class, FIND_PROVIDERS_PER_CLASS, trace=trace)
         logger.debug("find %s: provider hints %s", resource_class, candidates)
+        now, now_ms = trio.current_time(), self.clock_ms()
+        self._ad_cache = {p: c for p, c in self._ad_cache.items() if c[0] > now and c[2] > now_ms}
         found: dict[str, dict[str, Any]] = {}
         if self._last_ad is not None and ad_matches(self._last_ad, query):
             found[self.identity.peer_id] = ad_to_json(self._last_ad, expires_at_ms=self.ad_state.expires_at_ms)

@@ -118,7 +118,7 @@ def bench(n: int, args: argparse.Namespace) -> dict[str, Any] | None:
     try:
         print(f"N={n}: starting {n} nodes (load average {os.getloadavg()[0]:.1f})", flush=True)
         t = time.monotonic()
-        with node_config(SYNC_S), progress(base, n):
+        with node_config(SYNC_S, args.ad_refresh, 3 * args.ad_refresh), progress(base, n):
             cluster = Cluster.start(n, base=base, clients={n - 1}, timeout=START_TIMEOUT_S, seeds=args.seeds)
         started = time.monotonic() - t
         print(f"N={n}: all ready after {started:.0f} s", flush=True)
@@ -168,6 +168,8 @@ def main() -> int:
     parser.add_argument("--queriers", type=int, default=4, help="nodes that run finds, the client included (4)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="join through the first S nodes, two each (default 1)")  # fmt: skip
+    parser.add_argument("--ad-refresh", type=float, default=30.0,
+                        help="seconds between a provider's ads, ttl 3 times that (default 30; nodes: 60)")  # fmt: skip
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     if min(sizes) < 3 or args.finds < 1 or args.queriers < 1:

@@ -55,10 +55,10 @@ JOB: dict[str, Any] = {"timeout": 30, "memory": "64MiB"}
 
 
 @contextlib.contextmanager
-def node_config(sync_s: float) -> Iterator[None]:
+def node_config(sync_s: float, refresh_s: float = AD_REFRESH_S, ttl_s: float = AD_TTL_S) -> Iterator[None]:
     """Nodes spawned meanwhile get slow ads and this sync interval (the harness formats ``CONFIG`` at spawn)."""
     original = harness.CONFIG
-    text = original.replace("{refresh}", str(AD_REFRESH_S)).replace("{ttl}", str(AD_TTL_S))
+    text = original.replace("{refresh}", str(refresh_s)).replace("{ttl}", str(ttl_s))
     harness.CONFIG = text + f"[trust]\nsync_interval_seconds = {sync_s}\n"  # type: ignore[misc]
     try:
         yield
