@@ -17,15 +17,11 @@ clock.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -59,6 +55,7 @@ from node.runtimes import job_uid_gid, resolve_all
 from node.sandbox.doctor import collect_facts
 from node.sandbox.executor import Executor
 from node.store import Store
+from node.work_root import choose_work_root, remove_if_empty
 from protocol import codec
 from protocol.envelope import seal
 from protocol.errors import RemoteProtocolError
@@ -599,7 +596,7 @@ async def _serve(
         shutdown.set()
     finally:
         if provider is not None:
-            _remove_if_empty(provider.work_root)
+            remove_if_empty(provider.work_root)
 
 
 async def _rate_client(reputation: ReputationService, receipt: Receipt) -> None:
@@ -629,45 +626,6 @@ async def _make_provider(
     return ProviderService(identity=identity, messenger=messenger, store=store, executor=executor,
                            work_root=work_root, price_sheet=config.price_sheet, capacity=node.capacity_tuple,
                            max_concurrent=config.max_jobs, clock_ms=wall_clock_ms, runtimes=runtimes)  # fmt: skip
-
-
-def _remove_if_empty(path: Path) -> None:
-    """A work root under the system temp dir is this data dir's own: leave nothing behind when no job is left."""
-    if path.parent == Path(tempfile.gettempdir()):
-        with contextlib.suppress(OSError):
-            path.rmdir()
-
-
-def _traversable_by_others(path: Path) -> bool:
-    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.exists())
-
-
-def work_root_for(data_dir: Path) -> Path:
-    """Where job work dirs go: DATA_DIR/work when the unprivileged job uid can reach it, else a private dir
-    under the system temp dir (as root, the default data dir sits under /root, which others cannot traverse)."""
-    if os.geteuid() != 0 or _traversable_by_others(data_dir):
-        return data_dir / "work"
-    tag = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"coop-work-{tag}"
-
-
-def choose_work_root(data_dir: Path) -> tuple[Path, int]:
-    """Create (0711) and return ``work_root_for(data_dir)``, emptied of job dirs a killed daemon left behind
-    (no job runs before this daemon starts one, and the data dir is this daemon's alone), and how many it removed.
-
-    The daemon removes the root at exit if it is in /tmp.
-    """
-    root = work_root_for(data_dir)
-    root.mkdir(mode=0o711, exist_ok=True)
-    root.chmod(0o711)
-    stale = 0
-    for entry in root.iterdir():
-        stale += 1
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-    return root, stale
 
 
 def _handler(rpc: Callable[[FrameChannel], Any]) -> Callable[[net.NetStream], Any]:

@@ -8,7 +8,7 @@ import httpx
 import pytest
 import trio
 
-from node.daemon import work_root_for
+from node.work_root import work_root_for
 from tests.cluster import wait_until
 
 pytestmark = pytest.mark.slow

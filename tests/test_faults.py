@@ -26,7 +26,7 @@ import psutil
 import pytest
 import trio
 
-from node.daemon import work_root_for
+from node.work_root import work_root_for
 from protocol import codec
 from protocol.cosign import verify_both
 from protocol.messages import Receipt

@@ -6,7 +6,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from node.daemon import choose_work_root, work_root_for
+from node.work_root import choose_work_root, work_root_for
 
 
 def test_a_restarted_provider_empties_the_work_dirs_a_killed_one_left(tmp_path: Path) -> None:
