@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from protocol import codec
+from protocol.messages import Outcome
 from protocol.reputation import RecordBundle, VerifiedRecord
+from protocol.trust import Evidence
 
 MAX_PAGE: Final = 500
 
@@ -55,6 +57,17 @@ class RecordStore:
         ).fetchall()
         bundles = [codec.decode(row[0], RecordBundle) for row in rows[:limit]]
         return bundles, len(rows) > limit
+
+    def evidence(self, *, limit: int = 100_000) -> list[Evidence]:
+        """What trust is computed from, newest first: the record's columns only (no bundle to decode, which was
+        most of the cost of recomputing trust after each new record)."""
+        rows = self._db.execute(
+            "SELECT rater, ratee, outcome, score, time, cost, receipt_hash FROM reputation_records"
+            " ORDER BY time DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [Evidence(rater=r[0], ratee=r[1], outcome=Outcome(r[2]), score=r[3], time=r[4], cost=r[5],
+                         receipt_hash=r[6]) for r in rows]  # fmt: skip
 
     def time_of(self, record_id: bytes) -> int | None:
         row = self._db.execute("SELECT time FROM reputation_records WHERE id = ?", (record_id,)).fetchone()

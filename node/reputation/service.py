@@ -27,7 +27,7 @@ import trio
 
 from node import net
 from node.market.wire import ChannelClosed, FrameChannel, StreamChannel
-from node.reputation.records import RecordRow, RecordStore
+from node.reputation.records import RecordStore
 from node.store import MAX_SQL_INT
 from protocol import codec
 from protocol.cosign import terms_hash
@@ -46,7 +46,7 @@ from protocol.reputation import (
     record_id,
     verify_bundle,
 )
-from protocol.trust import Evidence, TrustParams, TrustScore, TrustTable, compute_trust
+from protocol.trust import TrustParams, TrustScore, TrustTable, compute_trust
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +88,11 @@ class ReputationService:
 
     def table(self) -> TrustTable:
         if self._table is None:
-            evidence = [self._evidence(r) for r in self.records.rows()]
+            evidence = self.records.evidence()
             self._table = compute_trust(
                 evidence, me=self.identity.peer_id, now=self.clock_ms(), params=self.trust_params
             )
         return self._table
-
-    @staticmethod
-    def _evidence(r: RecordRow) -> Evidence:
-        return Evidence(rater=r.rater, ratee=r.ratee, outcome=Outcome(r.outcome), score=r.score, time=r.time,
-                        cost=r.cost, receipt_hash=r.receipt_hash)  # fmt: skip
 
     def trust(self, peer: str) -> float:
         return self.table().score(peer)
