@@ -2,9 +2,10 @@
 
 import pytest
 import trio
+import trio.testing
 
 from node.config import ConfigError, NodeConfig, load_config_file
-from node.market.queue import JobQueue, QueueFull
+from node.market.queue import JobQueue, QueueFull, SlotWaiters
 
 
 def test_admission_is_capped_and_done_frees_room_but_a_resumed_job_is_never_refused():
@@ -70,3 +71,26 @@ def test_jobs_section_of_the_config(tmp_path):
     path.write_text("[jobs]\nbusy_patience_seconds = 0\n")
     with pytest.raises(ConfigError, match=r"jobs\.busy_patience_seconds"):
         load_config_file(path, NodeConfig(data_dir=tmp_path))
+
+
+async def test_a_freed_slot_wakes_the_longest_waiting_job_at_once_and_the_others_keep_their_timeout(autojump_clock):
+    waiters = SlotWaiters()
+    woke: dict[str, tuple[bool, float]] = {}
+
+    async def job(name: str) -> None:
+        woken = await waiters.wait(5.0)
+        woke[name] = (woken, trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for name in "abc":
+            nursery.start_soon(job, name)
+            await trio.testing.wait_all_tasks_blocked()
+        assert len(waiters) == 3
+        await trio.sleep(1.0)
+        waiters.freed()  # one of our runs ended: one slot, one job
+        await trio.testing.wait_all_tasks_blocked()
+        assert woke == {"a": (True, 1.0)}
+    assert woke == {"a": (True, 1.0), "b": (False, 5.0), "c": (False, 5.0)}
+    assert len(waiters) == 0  # the ones that timed out left the line
+    waiters.freed()  # nobody waiting: nothing happens, nothing is kept for later
+    assert await waiters.wait(0.5) is False

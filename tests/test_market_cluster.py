@@ -180,6 +180,28 @@ async def test_jobs_beyond_the_free_slots_queue_until_a_slot_frees(launcher):
         assert all(j["provider"] == provider.peer_id and len(j["attempts"]) == 1 for j in jobs)
 
 
+async def test_a_clients_own_jobs_never_bid_against_each_other_for_a_slot(launcher):
+    """Twelve jobs at once, one provider with two slots. A quote promises a free slot; if two of our jobs held
+    quotes for the last one, the second accept would be refused ("busy") and its negotiation wasted. The client
+    negotiates with a provider for one of its jobs at a time, so every quote it gets is one it can take."""
+    with trio.fail_after(150):
+        (provider,), client = await start_network(launcher, [10])  # 2 job slots (the default max_jobs)
+        job_ids: list[str] = []
+
+        async def submit() -> None:
+            job_ids.append(await client.submit(["true"], timeout=30))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(12):
+                nursery.start_soon(submit)
+        jobs = [await client.wait_job(j) for j in job_ids]
+        assert [j["state"] for j in jobs] == ["completed"] * 12, [j["error"] for j in jobs]
+        assert all(j["provider"] == provider.peer_id and len(j["attempts"]) == 1 for j in jobs)
+        quotes = (await client.api("GET", "/v1/market"))["recent"]
+        assert sorted(q["job_id"] for q in quotes) == sorted(job_ids)  # one quote per job...
+        assert {q["outcome"] for q in quotes} == {"accepted"}  # ...and never refused at accept
+
+
 async def test_a_job_gives_up_when_every_provider_stays_busy_past_its_patience(launcher):
     """``[jobs] busy_patience_seconds``: a job that only ever hears "busy" fails after it, saying why."""
     with trio.fail_after(150):

@@ -32,7 +32,7 @@ import trio
 
 from node import net
 from node.market.provider import ProviderService
-from node.market.queue import DEFAULT_MAX_ACTIVE, DEFAULT_MAX_UNFINISHED, JobQueue
+from node.market.queue import DEFAULT_MAX_ACTIVE, DEFAULT_MAX_UNFINISHED, JobQueue, SlotWaiters
 from node.market.requests import SubmitRequest, new_job_id, sha256_file
 from node.market.transfer import DigestMismatch, receive_file, send_file
 from node.market.verify import ResultDisputed, Run, Verifier
@@ -156,6 +156,11 @@ class JobManager:
         self._nursery: trio.Nursery | None = None
         self._scopes: dict[str, trio.CancelScope] = {}
         self._changed: dict[str, trio.Event] = {}
+        self._slot_waiters = SlotWaiters()  # jobs waiting for a busy provider; each run of ours that ends wakes one
+        # Providers one of this node's jobs is negotiating with right now: another job of ours leaves them alone
+        # until that negotiation ends, so our own jobs never bid against each other for one free slot.
+        self._negotiating: set[str] = set()
+        self._negotiation_ended = trio.Event()
         # Metrics hooks (node.metrics), set by the daemon: a quote's round trip in ms; a job that just ended.
         self.on_quote_latency: Callable[[float], None] | None = None
         self.on_job_ended: Callable[[JobRow], None] | None = None
@@ -320,7 +325,7 @@ class JobManager:
                 # Every fitting provider is busy right now: the job queues until a slot frees up.
                 why = explain_failures(reasons, max_price=req["max_price"], candidates=candidates)
                 self._set(job_id, state="queued", error=f"waiting for a free provider ({why})")
-                await trio.sleep(backoff)
+                await self._slot_waiters.wait(backoff)
                 backoff = min(backoff * 2, BUSY_RETRY_MAX_S)
                 continue
             if chosen is None:
@@ -423,7 +428,12 @@ class JobManager:
     ) -> tuple[tuple[Agreement, str] | None, list[RejectCode], int]:
         request = self._quote_request(job_id, req)
         found = [p for p in await self.find_providers(req) if p not in excluded]
-        candidates = [p for p in found if p == self.identity.peer_id or self.trust(p) >= self.refuse_below][: self.k]
+        fitting = [p for p in found if p == self.identity.peer_id or self.trust(p) >= self.refuse_below]
+        while fitting and all(p in self._negotiating for p in fitting):
+            # Every candidate is in a negotiation with another of our jobs: its quote would promise the slot
+            # that job is about to take. Wait for one of those negotiations to end, then look again.
+            await self._negotiation_ended.wait()
+        candidates = [p for p in fitting if p not in self._negotiating][: self.k]
         reasons: list[RejectCode] = []
         pending: list[_Pending] = []
 
@@ -434,28 +444,46 @@ class JobManager:
             else:
                 reasons.append(outcome)
 
-        async with trio.open_nursery() as nursery:
-            for provider in candidates:
-                nursery.start_soon(ask, provider)
+        self._negotiating.update(candidates)
+        try:
+            async with trio.open_nursery() as nursery:
+                for provider in candidates:
+                    nursery.start_soon(ask, provider)
+            chosen = await self._choose(job_id, request, pending, reasons)
+        finally:
+            self._negotiating.difference_update(candidates)
+            self._negotiation_ended.set()
+            self._negotiation_ended = trio.Event()
+        return chosen, reasons, len(candidates)
+
+    async def _choose(
+        self, job_id: str, request: QuoteRequest, pending: list[_Pending], reasons: list[RejectCode]
+    ) -> tuple[Agreement, str] | None:
+        """Accept the best offer that the provider still honours, withdraw from the rest; rejections go to
+        ``reasons``."""
         offers = rank_offers([Offer(p.provider, p.cost, self.trust(p.provider), p.latency_ms) for p in pending])
         by_provider = {p.provider: p for p in pending}
         chosen: tuple[Agreement, str] | None = None
-        for offer in offers:
-            p = by_provider.pop(offer.provider)
-            if chosen is not None:
-                self._record_quote(job_id, request, p, "declined")
+        try:
+            for offer in offers:
+                p = by_provider.pop(offer.provider)
+                if chosen is not None:
+                    self._record_quote(job_id, request, p, "declined")
+                    await self._withdraw(p)
+                    continue
+                agreement = await self._close_deal(p)
+                if isinstance(agreement, RejectCode):
+                    # e.g. BUSY: another client took the slot between the quote and our accept
+                    self._record_quote(job_id, request, p, f"rejected:{agreement.value}")
+                    reasons.append(agreement)
+                    continue
+                self._record_quote(job_id, request, p, "accepted")
+                self.store.put_agreement(agreement, role="client", now_ms=self.clock_ms())
+                chosen = (agreement, p.provider)
+        finally:
+            for p in by_provider.values():
                 await self._withdraw(p)
-                continue
-            agreement = await self._close_deal(p)
-            self._record_quote(job_id, request, p, "accepted" if agreement else "rejected:timeout")
-            if agreement is None:
-                reasons.append(RejectCode.TIMEOUT)
-                continue
-            self.store.put_agreement(agreement, role="client", now_ms=self.clock_ms())
-            chosen = (agreement, p.provider)
-        for p in by_provider.values():
-            await self._withdraw(p)
-        return chosen, reasons, len(candidates)
+        return chosen
 
     def _record_quote(self, job_id: str, request: QuoteRequest, p: _Pending, outcome: str) -> None:
         self.store.record_quote(
@@ -500,7 +528,8 @@ class JobManager:
             await _abort(channel)
             return RejectCode.TIMEOUT
 
-    async def _close_deal(self, p: _Pending) -> Agreement | None:
+    async def _close_deal(self, p: _Pending) -> Agreement | RejectCode:
+        """The agreement, or why the provider did not sign it (TIMEOUT if it did not answer in time)."""
         try:
             with trio.fail_after(NEGOTIATION_TIMEOUT_S):
                 for action in p.machine.accept(self.clock_ms()):
@@ -513,7 +542,10 @@ class JobManager:
             log.info("closing the deal with %s failed: %r", p.provider, exc)
         finally:
             await _abort(p.channel)
-        return p.machine.outcome.agreement if isinstance(p.machine.outcome, Completed) else None
+        outcome = p.machine.outcome
+        if isinstance(outcome, Completed):
+            return outcome.agreement
+        return outcome.code if isinstance(outcome, Failed) else RejectCode.TIMEOUT
 
     async def _withdraw(self, p: _Pending) -> None:
         try:
@@ -561,6 +593,8 @@ class JobManager:
         except BaseException:
             await _abort(channel)
             raise
+        finally:
+            self._slot_waiters.freed()  # however it ended, the run holds no slot on the provider now
         await channel.aclose()
         return outcome
 

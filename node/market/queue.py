@@ -13,6 +13,7 @@ Jobs resumed after a restart were admitted before it and are not refused.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,3 +83,35 @@ class JobQueue:
             max_unfinished=self.max_unfinished,
             max_active=int(limiter.total_tokens),
         )
+
+
+class SlotWaiters:
+    """Jobs waiting because every fitting provider was busy, oldest first.
+
+    Each run of ours that ends on a provider frees a slot there: :meth:`freed` wakes the job that has waited
+    longest, so the slot does not sit idle until some job's retry backoff runs out, and ten waiting jobs do not
+    all ask every provider for a quote at once. :meth:`wait` still gives up after ``seconds``, for the slots other
+    clients free (this node does not hear of those).
+    """
+
+    def __init__(self) -> None:
+        self._waiters: collections.deque[trio.Event] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._waiters)
+
+    async def wait(self, seconds: float) -> bool:
+        """Sleep until woken or until ``seconds`` pass; True if woken."""
+        woken = trio.Event()
+        self._waiters.append(woken)
+        try:
+            with trio.move_on_after(seconds):
+                await woken.wait()
+        finally:
+            if not woken.is_set():
+                self._waiters.remove(woken)
+        return woken.is_set()
+
+    def freed(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()
