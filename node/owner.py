@@ -41,6 +41,7 @@ from protocol.owner import (
     OwnerGovernor,
     OwnerPolicy,
     Reading,
+    offer_moved,
     policy_with,
 )
 
@@ -160,6 +161,7 @@ class OwnerService:
         self.local_minute = local_minute
         self.say = say
         self.decision: Decision | None = None
+        self._advertised: Decision | None = None  # the decision whose offer the ad carries (as far as we know)
         self.owner_cpu_permille: int | None = None
         self.suspended = 0  # counters since start
         self.resumed = 0
@@ -215,10 +217,11 @@ class OwnerService:
             self._act(decision)
             if previous is None or (previous.sharing, previous.reason) != (decision.sharing, decision.reason):
                 self.say(("sharing: " if decision.sharing else "not sharing: ") + decision.reason)
-            if publish and (
-                previous is None or (previous.sharing, previous.offer) != (decision.sharing, decision.offer)
-            ):
-                await self.publish()
+            ad = self._advertised
+            if ad is None or ad.sharing != decision.sharing or offer_moved(ad.offer, decision.offer):
+                self._advertised = decision
+                if publish:  # else the ad is not out yet, and the first one will carry this offer
+                    await self.publish()
             return decision
 
     def _apply_caps(self, d: Decision) -> None:

@@ -346,6 +346,24 @@ class Decision:
     owner_gpus: tuple[int, ...] = ()  # GPUs not offered because the owner is using them
 
 
+OFFER_SLACK: Final = 0.10  # memory or disk may drift this much (of the larger) before the ad is republished
+
+
+def offer_moved(published: Offer, now: Offer, *, slack: float = OFFER_SLACK) -> bool:
+    """Whether ``now`` differs enough from the ``published`` offer to republish the ad at once.
+
+    CPUs, GPUs and job slots count exactly; memory and disk only past ``slack`` of the larger value. Free disk
+    moves with every file written on the machine: republishing on each byte put a DHT walk and ~20 stores into
+    every owner check (5 s) of every provider under load. The ad's regular refresh carries the drift anyway.
+    """
+    if (published.cpus, published.gpus, published.max_jobs) != (now.cpus, now.gpus, now.max_jobs):
+        return True
+    return any(
+        abs(a - b) > slack * max(a, b)
+        for a, b in ((published.memory_bytes, now.memory_bytes), (published.disk_bytes, now.disk_bytes))
+    )
+
+
 def capped(limit: int, machine: int) -> int:
     return machine if limit == 0 else min(limit, machine)
 

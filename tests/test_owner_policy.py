@@ -1,5 +1,7 @@
 """The pure owner policy: windows, caps, idle-only hysteresis, reclaim actions, GPU use, validation."""
 
+from dataclasses import replace
+
 import pytest
 
 from protocol.owner import (
@@ -7,11 +9,13 @@ from protocol.owner import (
     Caps,
     GpuReading,
     Mode,
+    Offer,
     OwnerGovernor,
     OwnerPolicy,
     OwnerPolicyError,
     Reading,
     Reclaim,
+    offer_moved,
     parse_window,
     policy_with,
 )
@@ -172,3 +176,17 @@ def test_policy_with_validates_plain_values():
 def test_policy_with_refuses_bad_values(changes, match):
     with pytest.raises(OwnerPolicyError, match=match):
         policy_with(OwnerPolicy(), changes)
+
+
+def test_the_ad_follows_cpus_gpus_and_slots_exactly_but_memory_and_disk_only_past_the_slack():
+    base = Offer(cpus=4, memory_bytes=16 * GIB, disk_bytes=100 * GIB, gpus=(0,), max_jobs=2)
+    assert not offer_moved(base, base)
+    assert not offer_moved(base, replace(base, disk_bytes=100 * GIB - 4096))  # a file written somewhere
+    assert not offer_moved(base, replace(base, disk_bytes=91 * GIB, memory_bytes=15 * GIB))  # within 10%
+    assert offer_moved(base, replace(base, disk_bytes=89 * GIB))
+    assert offer_moved(base, replace(base, memory_bytes=18 * GIB))
+    assert offer_moved(base, replace(base, disk_bytes=0))
+    assert offer_moved(base, replace(base, cpus=3))
+    assert offer_moved(base, replace(base, gpus=()))
+    assert offer_moved(base, replace(base, max_jobs=1))
+    assert offer_moved(base, Offer())  # stopped sharing: everything goes

@@ -1,6 +1,7 @@
 """The owner mechanism in one process: the service's timers (autojump clock), the real CPU measurement, the load
 file hook, GPU use through the fake NVML, and the [owner] config section."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,31 @@ def test_owner_config_section(tmp_path):
         path.write_text(f"[owner]\n{bad}\n")
         with pytest.raises(ConfigError, match=match):
             load_config_file(path, NodeConfig(data_dir=tmp_path))
+
+
+async def test_free_disk_drifting_with_every_write_does_not_republish_the_ad_but_a_real_change_does(autojump_clock):
+    real = probe(disk_path=Path("/"), nvml=FakeNvml([]))
+    disk = [100 * GIB]
+    published = []
+
+    async def publish():
+        published.append(trio.current_time())
+
+    svc = OwnerService(
+        policy=OwnerPolicy(), probe=lambda: dataclasses.replace(real, disk_free_bytes=disk[0]), load=lambda: 0,
+        executor=FakeExecutor(), provider=FakeProvider(), publish=publish,
+        clock_ms=lambda: int(trio.current_time() * 1000), check_seconds=1.0, local_minute=lambda: 600,
+    )  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        await nursery.start(svc.serve)
+        for _ in range(20):  # a job's work dir, a log line, a WAL page: every check sees another figure
+            disk[0] -= 37 << 20
+            await trio.sleep(1)
+        assert svc.decision.offer.disk_bytes == 100 * GIB - 20 * (37 << 20)
+        assert published == []  # 0.7 GiB of 100 drifted: the next regular refresh carries it
+        disk[0] = 50 * GIB  # half the disk filled: clients should know now
+        await trio.sleep(1)
+        assert len(published) == 1
+        await trio.sleep(5)
+        assert len(published) == 1
+        nursery.cancel_scope.cancel()
