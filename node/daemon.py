@@ -221,6 +221,7 @@ class Node:
         self.sandbox_tier = "none"
         self.runtimes: tuple[Runtime, ...] = ()  # offered in the ad (set when the provider starts)
         self._find_cache: dict[FindQuery, tuple[float, list[str]]] = {}
+        self._finding: dict[FindQuery, trio.Event] = {}  # finds in progress, which jobs wanting the same wait for
         self._ad_cache: dict[str, tuple[float, CapacityAd, int]] = {}  # peer -> (reuse until, ad, expires at ms)
         self.jobs: JobManager | None = None
         self.store: Store | None = None
@@ -250,16 +251,28 @@ class Node:
 
         A DHT walk is over half of a trivial job's round trip (docs/benchmarks.md); the ads it returns stay
         valid until they expire, and a stale candidate costs only a failed quote, so jobs submitted together
-        share one walk.
+        share one walk. Jobs that miss the cache while a find for the same query runs wait for its answer
+        instead of each walking (up to ``[jobs] max_active`` of them miss together whenever the cache expires).
         """
         query = FindQuery(cpus=req["cpus"], memory_bytes=req["memory_bytes"], gpus=req["gpus"],
                           gpu_model=req["gpu_model"], limit=50, runtime=req.get("runtime", ""),
                           runtime_sha256=bytes.fromhex(req.get("runtime_sha256", "")))  # fmt: skip
-        now = trio.current_time()
         cached = self._find_cache.get(query)
-        if cached is not None and now - cached[0] < FIND_CACHE_S:
+        if cached is not None and trio.current_time() - cached[0] < FIND_CACHE_S:
             return cached[1]
-        peers = [p["peer_id"] for p in await self.find(query)]
+        running = self._finding.get(query)
+        if running is not None:  # another job is finding the same: share its answer rather than walk too
+            await running.wait()
+            cached = self._find_cache.get(query)
+            if cached is not None:
+                return cached[1]
+        self._finding[query] = done = trio.Event()
+        try:
+            peers = [p["peer_id"] for p in await self.find(query)]
+        finally:
+            del self._finding[query]
+            done.set()
+        now = trio.current_time()
         self._find_cache = {q: v for q, v in self._find_cache.items() if now - v[0] < FIND_CACHE_S}
         if peers:  # an empty answer is not cached: the job is waiting for providers to appear
             self._find_cache[query] = (now, peers)

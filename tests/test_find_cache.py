@@ -18,7 +18,7 @@ import trio.testing
 
 from node.api import FindQuery
 from node.config import NodeConfig
-from node.daemon import AD_CACHE_S, Node
+from node.daemon import AD_CACHE_S, FIND_CACHE_S, Node
 from protocol import codec
 from protocol.envelope import seal
 from protocol.records import cap_key
@@ -79,3 +79,35 @@ async def test_a_verified_ad_is_reused_for_a_while_and_never_past_its_expiry(
     dht.ads.pop(cap_key(BOB.peer_id))  # expired and gone from the DHT
     assert await found() == {}
     assert dht.fetched.count(cap_key(BOB.peer_id)) == 4
+
+
+async def test_jobs_that_miss_the_cache_together_share_one_find(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    dht = DhtStandIn()
+    walks: list[float] = []
+    original = dht.find_providers
+
+    async def slow_find_providers(key: str, count: int, *, trace: Any = None) -> list[str]:
+        walks.append(trio.current_time())
+        await trio.sleep(2)  # a walk under load
+        return await original(key, count, trace=trace)
+
+    dht.find_providers = slow_find_providers  # type: ignore[method-assign]
+    clock_ms = lambda: NOW + int(trio.current_time() * 1000)  # noqa: E731
+    node = Node(config=NodeConfig(data_dir=tmp_path), identity=ALICE, host=dht, clock_ms=clock_ms, out=io.StringIO())  # type: ignore[arg-type]
+    dht.ads[cap_key(BOB.peer_id)] = ad(BOB, seq=1, now_ms=NOW, ttl_ms=600_000)
+    req = {"cpus": 1, "memory_bytes": 1 << 20, "gpus": 0, "gpu_model": ""}
+    answers: list[list[str]] = []
+
+    async def job() -> None:
+        answers.append(await node.find_peer_ids(req))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(job)
+    assert answers == [[BOB.peer_id]] * 8
+    assert len(walks) == 1  # one find for the eight jobs
+    await trio.sleep(FIND_CACHE_S)  # the answer is stale now: the next job finds again
+    await job()
+    assert len(walks) == 2

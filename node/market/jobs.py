@@ -19,6 +19,7 @@ After a restart, unfinished jobs are resumed from the start (their attempts hist
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import re
@@ -161,6 +162,8 @@ class JobManager:
         # until that negotiation ends, so our own jobs never bid against each other for one free slot.
         self._negotiating: set[str] = set()
         self._negotiation_ended = trio.Event()
+        self._wanting = 0  # our jobs in _negotiate now (asking, or waiting for a provider to ask)
+        self._running_on: collections.Counter[str] = collections.Counter()  # our runs in progress, per provider
         # Metrics hooks (node.metrics), set by the daemon: a quote's round trip in ms; a job that just ended.
         self.on_quote_latency: Callable[[float], None] | None = None
         self.on_job_ended: Callable[[JobRow], None] | None = None
@@ -429,11 +432,20 @@ class JobManager:
         request = self._quote_request(job_id, req)
         found = [p for p in await self.find_providers(req) if p not in excluded]
         fitting = [p for p in found if p == self.identity.peer_id or self.trust(p) >= self.refuse_below]
-        while fitting and all(p in self._negotiating for p in fitting):
-            # Every candidate is in a negotiation with another of our jobs: its quote would promise the slot
-            # that job is about to take. Wait for one of those negotiations to end, then look again.
-            await self._negotiation_ended.wait()
-        candidates = [p for p in fitting if p not in self._negotiating][: self.k]
+        self._wanting += 1
+        try:
+            while fitting and all(p in self._negotiating for p in fitting):
+                # Every candidate is in a negotiation with another of our jobs: its quote would promise the slot
+                # that job is about to take. Wait for one of those negotiations to end, then look again.
+                await self._negotiation_ended.wait()
+            # Alone, a job asks up to k providers and takes the best offer. When more of our jobs want providers
+            # than there are, each asks its share, so they negotiate side by side instead of one after another
+            # (every provider gets used either way), and the providers running fewest of our jobs first.
+            share = max(1, -(-len(fitting) // self._wanting))
+            free = sorted((p for p in fitting if p not in self._negotiating), key=lambda p: self._running_on[p])
+            candidates = free[: min(self.k, share)]
+        finally:
+            self._wanting -= 1
         reasons: list[RejectCode] = []
         pending: list[_Pending] = []
 
@@ -576,6 +588,7 @@ class JobManager:
                        command=tuple(req["command"]), env=req["env"], inputs=inputs, outputs=tuple(req["outputs"]),
                        limits=agreement.limits, gpus=agreement.resources.gpus)  # fmt: skip
         channel = await self._open(provider, JOB_PROTOCOL_ID)
+        self._running_on[provider] += 1
         try:
             outcome = await self._exchange(channel, spec, agreement, job_dir)
         except AttemptFailed:
@@ -594,6 +607,9 @@ class JobManager:
             await _abort(channel)
             raise
         finally:
+            self._running_on[provider] -= 1
+            if not self._running_on[provider]:
+                del self._running_on[provider]
             self._slot_waiters.freed()  # however it ended, the run holds no slot on the provider now
         await channel.aclose()
         return outcome
