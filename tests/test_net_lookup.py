@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 from functools import partial
 
 import trio
+from libp2p.peer.id import ID
 
 from node.net import LookupTrace, NetHost, keep_routing_table, open_host
 from protocol.identity import Identity
@@ -76,3 +77,45 @@ async def test_keep_routing_table_fills_a_table_left_short_by_the_join() -> None
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
             assert set(a.routing_table_peers()) >= {b.peer_id}
+
+
+async def test_a_node_serves_more_dht_queries_at_once_than_the_twelve_py_libp2p_allows() -> None:
+    """py-libp2p resets every inbound DHT stream past 12 in progress. When handlers wait for a CPU (30 nodes
+    starting on two cores), ADD_PROVIDERs, PUT_VALUEs and FIND_NODEs were reset in bursts. Here 20 FIND_NODEs held
+    in b's handler at once are all answered."""
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            a, b, c = [
+                await stack.enter_async_context(open_host(seed=Identity.generate().seed(), listen=LOOPBACK))
+                for _ in range(3)
+            ]
+            assert await c.bootstrap(b.addrs()) == 1  # b's table holds c: every answer should name it
+            await a.connect(b.addrs()[0])
+            release, all_in = trio.Event(), trio.Event()
+            held = 0
+            serve = b._dht._do_handle_stream
+
+            async def slow(stream):  # a handler that waits for a CPU
+                nonlocal held
+                held += 1
+                if held >= 20:
+                    all_in.set()
+                await release.wait()
+                await serve(stream)
+
+            b._dht._do_handle_stream = slow  # type: ignore[method-assign]
+            answers: list[list[str]] = []
+
+            async def find_node(i: int) -> None:
+                target = hashlib.sha256(f"target {i}".encode()).digest()
+                peers = await a._dht.peer_routing._query_peer_for_closest(ID.from_base58(b.peer_id), target)
+                answers.append([p.to_base58() for p in peers])
+
+            async with trio.open_nursery() as nursery:
+                for i in range(20):
+                    nursery.start_soon(find_node, i)
+                with trio.fail_after(10):  # with py-libp2p's 12, the other 8 are reset and never get here
+                    await all_in.wait()
+                release.set()
+            assert len(answers) == 20
+            assert all(c.peer_id in answer for answer in answers), answers

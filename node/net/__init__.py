@@ -41,6 +41,10 @@ Deviations and workarounds:
       local records whenever there are any, so a provider never saw the others: we merge local records with a
       GET_PROVIDERS query to each of the peers closest to the key (a private helper of ``ProviderStore``).
     * The Kademlia protocol id is fixed at ``/ipfs/kad/1.0.0`` (trap 14): never bootstrap from public IPFS peers.
+    * ``KadDHT`` serves at most 12 inbound DHT streams at once and resets every stream past that, unlogged. When
+      30 nodes start on two cores, handlers wait for a CPU and ADD_PROVIDERs, PUT_VALUEs and FIND_NODEs are reset
+      in bursts. We allow :data:`DHT_INBOUND_HANDLERS` (each handler is a parse, a table lookup and a write; the
+      per-peer inbound stream limit still applies, node/net/limits.py).
     * GossipSub's defaults drop or delay messages (trap 10). What we set, for a 10-100 node network:
         - ``heartbeat_interval`` 1 s (default 120 s: mesh repair and IHAVE gossip every two minutes).
         - ``degree``/``degree_low``/``degree_high`` 6/5/12: go-libp2p's defaults (0.8.1 has none).
@@ -72,6 +76,7 @@ Deviations and workarounds:
 """
 
 from node.net.common import (
+    DHT_INBOUND_HANDLERS,
     FRAME_HEADER,
     GOSSIP_INBOX_LEN,
     MAX_DHT_KEY_BYTES,
@@ -95,6 +100,7 @@ from node.net.mdns import LanDiscovery, LanPeer, MdnsStatistics
 from node.net.stream import NetStream, receive_frame, send_frame
 
 __all__ = [
+    "DHT_INBOUND_HANDLERS",
     "FRAME_HEADER",
     "GOSSIP_INBOX_LEN",
     "MAX_DHT_KEY_BYTES",

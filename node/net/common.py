@@ -24,6 +24,7 @@ MAX_FRAME_BYTES: Final = (1 << 32) - 1  # what the header can express
 DEFAULT_READ_BYTES: Final = 64 * 1024  # 64 KiB
 PROVIDER_QUERY_TIMEOUT_S: Final = 5.0
 PROVIDER_ADDR_TTL_S: Final = 600  # how long a provider's advertised addresses stay dialable
+DHT_INBOUND_HANDLERS: Final = 64  # inbound DHT streams served at once; past it they are reset (py-libp2p: 12)
 _RESET_TIMEOUT_S: Final = 1.0  # bound on the shielded reset after a failed or cancelled handler
 _CLOSE_TIMEOUT_S: Final = 2.0  # bound on closing every connection at shutdown
 MAX_GOSSIP_BYTES: Final = 64 * 1024  # 64 KiB per published message (libp2p silently drops RPCs over 1 MiB)

@@ -39,6 +39,7 @@ from node.net.common import (
     _CLOSE_TIMEOUT_S,
     _STREAM_ERRORS,
     COOP_DHT_NAMESPACE,
+    DHT_INBOUND_HANDLERS,
     MAX_DHT_KEY_BYTES,
     MAX_GOSSIP_BYTES,
     MIN_DHT_KEY_BYTES,
@@ -647,6 +648,7 @@ async def open_host(
             if missing:
                 raise ListenError(f"could not listen on {missing} (see the libp2p log for why)")
             dht = KadDHT(host, DHTMode.SERVER, strict_validation=True)
+            dht._inbound_limiter = trio.CapacityLimiter(DHT_INBOUND_HANDLERS)  # 12 in 0.8.1: see node/net
             dht.register_validator(COOP_DHT_NAMESPACE, validator)
             instrument(dht.peer_routing)  # counts a lookup's queries and hops for a LookupTrace
             async with background_trio_service(dht), AsyncExitStack() as stack:
