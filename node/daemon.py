@@ -260,8 +260,9 @@ class Node:
         cached = self._find_cache.get(query)
         if cached is not None and trio.current_time() - cached[0] < FIND_CACHE_S:
             return cached[1]
-        running = self._finding.get(query)
-        if running is not None:  # another job is finding the same: share its answer rather than walk too
+        while (running := self._finding.get(query)) is not None:
+            # Another job is finding the same: share its answer rather than walk too. If it found nobody (not
+            # cached), the first job woken finds again and the others wait for that one.
             await running.wait()
             cached = self._find_cache.get(query)
             if cached is not None:

@@ -111,3 +111,32 @@ async def test_jobs_that_miss_the_cache_together_share_one_find(
     await trio.sleep(FIND_CACHE_S)  # the answer is stale now: the next job finds again
     await job()
     assert len(walks) == 2
+
+
+async def test_when_the_shared_find_finds_nobody_one_waiting_job_finds_again_for_the_rest(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    dht = DhtStandIn()
+    walks: list[float] = []
+    original = dht.find_providers
+
+    async def find_providers(key: str, count: int, *, trace: Any = None) -> list[str]:
+        walks.append(trio.current_time())
+        await trio.sleep(2)
+        return [] if len(walks) == 1 else await original(key, count, trace=trace)  # BOB's hint arrives late
+
+    dht.find_providers = find_providers  # type: ignore[method-assign]
+    clock_ms = lambda: NOW + int(trio.current_time() * 1000)  # noqa: E731
+    node = Node(config=NodeConfig(data_dir=tmp_path), identity=ALICE, host=dht, clock_ms=clock_ms, out=io.StringIO())  # type: ignore[arg-type]
+    dht.ads[cap_key(BOB.peer_id)] = ad(BOB, seq=1, now_ms=NOW, ttl_ms=600_000)
+    req = {"cpus": 1, "memory_bytes": 1 << 20, "gpus": 0, "gpu_model": ""}
+    answers: list[list[str]] = []
+
+    async def job() -> None:
+        answers.append(await node.find_peer_ids(req))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(job)
+    assert sorted(answers) == [[]] + [[BOB.peer_id]] * 7  # the first job's own find found nobody
+    assert walks == [0, 2]  # an empty answer is not cached: one more find, shared by the seven
