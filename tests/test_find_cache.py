@@ -81,62 +81,55 @@ async def test_a_verified_ad_is_reused_for_a_while_and_never_past_its_expiry(
     assert dht.fetched.count(cap_key(BOB.peer_id)) == 4
 
 
-async def test_jobs_that_miss_the_cache_together_share_one_find(
-    autojump_clock: trio.testing.MockClock, tmp_path: Path
-) -> None:
-    dht = DhtStandIn()
-    walks: list[float] = []
-    original = dht.find_providers
+class SlowHints(DhtStandIn):
+    """Each hint lookup takes 2 s (a walk under load) and is recorded; the first ``empty`` of them find nobody."""
 
-    async def slow_find_providers(key: str, count: int, *, trace: Any = None) -> list[str]:
-        walks.append(trio.current_time())
-        await trio.sleep(2)  # a walk under load
-        return await original(key, count, trace=trace)
+    def __init__(self, *, empty: int = 0) -> None:
+        super().__init__()
+        self.walks: list[float] = []
+        self.empty = empty
 
-    dht.find_providers = slow_find_providers  # type: ignore[method-assign]
+    async def find_providers(self, key: str, count: int, *, trace: Any = None) -> list[str]:
+        self.walks.append(trio.current_time())
+        await trio.sleep(2)
+        return [] if len(self.walks) <= self.empty else await super().find_providers(key, count, trace=trace)
+
+
+async def finds_at_once(dht: DhtStandIn, tmp_path: Path, jobs: int) -> tuple[Node, list[list[str]]]:
+    """``jobs`` jobs of one node asking its finder at once (BOB has an ad); the node and their answers."""
     clock_ms = lambda: NOW + int(trio.current_time() * 1000)  # noqa: E731
     node = Node(config=NodeConfig(data_dir=tmp_path), identity=ALICE, host=dht, clock_ms=clock_ms, out=io.StringIO())  # type: ignore[arg-type]
     dht.ads[cap_key(BOB.peer_id)] = ad(BOB, seq=1, now_ms=NOW, ttl_ms=600_000)
-    req = {"cpus": 1, "memory_bytes": 1 << 20, "gpus": 0, "gpu_model": ""}
     answers: list[list[str]] = []
 
     async def job() -> None:
-        answers.append(await node.find_peer_ids(req))
+        answers.append(await node.find_peer_ids(JOB_REQUEST))
 
     async with trio.open_nursery() as nursery:
-        for _ in range(8):
+        for _ in range(jobs):
             nursery.start_soon(job)
+    return node, answers
+
+
+JOB_REQUEST = {"cpus": 1, "memory_bytes": 1 << 20, "gpus": 0, "gpu_model": ""}
+
+
+async def test_jobs_that_miss_the_cache_together_share_one_find(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    dht = SlowHints()
+    node, answers = await finds_at_once(dht, tmp_path, 8)
     assert answers == [[BOB.peer_id]] * 8
-    assert len(walks) == 1  # one find for the eight jobs
+    assert len(dht.walks) == 1  # one find for the eight jobs
     await trio.sleep(FIND_CACHE_S)  # the answer is stale now: the next job finds again
-    await job()
-    assert len(walks) == 2
+    assert await node.find_peer_ids(JOB_REQUEST) == [BOB.peer_id]
+    assert len(dht.walks) == 2
 
 
 async def test_when_the_shared_find_finds_nobody_one_waiting_job_finds_again_for_the_rest(
     autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    dht = DhtStandIn()
-    walks: list[float] = []
-    original = dht.find_providers
-
-    async def find_providers(key: str, count: int, *, trace: Any = None) -> list[str]:
-        walks.append(trio.current_time())
-        await trio.sleep(2)
-        return [] if len(walks) == 1 else await original(key, count, trace=trace)  # BOB's hint arrives late
-
-    dht.find_providers = find_providers  # type: ignore[method-assign]
-    clock_ms = lambda: NOW + int(trio.current_time() * 1000)  # noqa: E731
-    node = Node(config=NodeConfig(data_dir=tmp_path), identity=ALICE, host=dht, clock_ms=clock_ms, out=io.StringIO())  # type: ignore[arg-type]
-    dht.ads[cap_key(BOB.peer_id)] = ad(BOB, seq=1, now_ms=NOW, ttl_ms=600_000)
-    req = {"cpus": 1, "memory_bytes": 1 << 20, "gpus": 0, "gpu_model": ""}
-    answers: list[list[str]] = []
-
-    async def job() -> None:
-        answers.append(await node.find_peer_ids(req))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(8):
-            nursery.start_soon(job)
+    dht = SlowHints(empty=1)  # BOB's hint arrives after the first lookup
+    _node, answers = await finds_at_once(dht, tmp_path, 8)
     assert sorted(answers) == [[]] + [[BOB.peer_id]] * 7  # the first job's own find found nobody
-    assert walks == [0, 2]  # an empty answer is not cached: one more find, shared by the seven
+    assert dht.walks == [0, 2]  # an empty answer is not cached: one more find, shared by the seven

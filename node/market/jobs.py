@@ -34,6 +34,7 @@ import trio
 from node import net
 from node.market.provider import ProviderService
 from node.market.queue import DEFAULT_MAX_ACTIVE, DEFAULT_MAX_UNFINISHED, JobQueue, SlotWaiters
+from node.market.receipts import quote_request, receipt_problem
 from node.market.requests import SubmitRequest, new_job_id, sha256_file
 from node.market.transfer import DigestMismatch, receive_file, send_file
 from node.market.verify import ResultDisputed, Run, Verifier
@@ -41,9 +42,8 @@ from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChann
 from node.reputation.service import ReputationService
 from node.store import JobRow, Store
 from protocol import codec
-from protocol.cosign import sign_as, terms_hash, verify_role
-from protocol.envelope import message_hash
-from protocol.errors import BadSignature, RemoteProtocolError
+from protocol.cosign import sign_as, terms_hash
+from protocol.errors import RemoteProtocolError
 from protocol.identity import Identity
 from protocol.market import (
     JOB_PROTOCOL_ID,
@@ -70,7 +70,6 @@ from protocol.messages import (
     RejectCode,
 )
 from protocol.negotiation import ClientNegotiation, Completed, Failed, Quoted, Send
-from protocol.pricing import cost_of
 from protocol.verification import REFUSE_BELOW, VERIFY_BELOW
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,6 @@ MAX_ATTEMPTS: Final = 3
 NEGOTIATION_TIMEOUT_S: Final = 10.0
 STALL_TIMEOUT_S: Final = 15.0  # several provider heartbeats missed
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
-USAGE_SLACK_MS: Final = 60_000
 DISCOVERY_PATIENCE_S: Final = 20.0  # how long a job waits for a first fitting provider to appear
 DISCOVERY_RETRY_S: Final = 1.0
 BUSY_PATIENCE_S: Final = 600.0  # how long a job queues while every fitting provider is busy
@@ -400,18 +398,6 @@ class JobManager:
             return Run(provider, wire_id, outcome)
         return None
 
-    def _quote_request(self, job_id: str, req: dict[str, Any]) -> QuoteRequest:
-        from protocol.messages import Limits, Resources
-
-        resources = Resources(cpus=req["cpus"], memory_bytes=req["memory_bytes"], disk_bytes=req["disk_bytes"],
-                              gpus=req["gpus"], gpu_model=req["gpu_model"], runtime=req.get("runtime", ""),
-                              runtime_sha256=bytes.fromhex(req.get("runtime_sha256", "")))  # fmt: skip
-        limits = Limits(cpu_seconds=req["cpu_seconds"], wall_seconds=req["timeout"], memory_bytes=req["memory_bytes"],
-                        disk_bytes=req["disk_bytes"], output_bytes=req["output_bytes"])  # fmt: skip
-        deadline = self.clock_ms() + (req["timeout"] + 300) * 1000
-        return QuoteRequest(job_id=job_id, client=self.identity.peer_id, resources=resources, limits=limits,
-                            max_price=req["max_price"], deadline=deadline)  # fmt: skip
-
     async def _open(self, peer_id: str, protocol: str) -> FrameChannel:
         if peer_id == self.identity.peer_id:
             if self.provider is None:
@@ -429,7 +415,7 @@ class JobManager:
     async def _negotiate(
         self, job_id: str, req: dict[str, Any], excluded: set[str]
     ) -> tuple[tuple[Agreement, str] | None, list[RejectCode], int]:
-        request = self._quote_request(job_id, req)
+        request = quote_request(job_id, req, client=self.identity.peer_id, now_ms=self.clock_ms())
         found = [p for p in await self.find_providers(req) if p not in excluded]
         fitting = [p for p in found if p == self.identity.peer_id or self.trust(p) >= self.refuse_below]
         self._wanting += 1
@@ -664,7 +650,7 @@ class JobManager:
             raise AttemptFailed(f"bad output: {exc}") from exc
         with trio.fail_after(STALL_TIMEOUT_S):
             receipt = await m.receive(channel, (Receipt,))
-        problem = self._check_receipt(receipt, spec, agreement, result)
+        problem = receipt_problem(receipt, spec, agreement, result, client=self.identity.peer_id)
         if problem:
             await m.send(channel, Reject(job_id=spec.job_id, peer=self.identity.peer_id, code=RejectCode.BAD_RECEIPT,
                                          message=problem))  # fmt: skip
@@ -691,28 +677,6 @@ class JobManager:
         except (ChannelClosed, net.NetError) as exc:  # the run is done and paid for here; the provider went away
             log.info("job %s: the provider went away before our receipt signature reached it: %r", spec.job_id, exc)
         return outcome
-
-    def _check_receipt(self, receipt: Receipt, spec: JobSpec, agreement: Agreement, result: JobResult) -> str:
-        if receipt.job_id != spec.job_id or receipt.client != self.identity.peer_id:
-            return "the receipt names another job or client"
-        if receipt.provider != agreement.provider or receipt.agreement_hash != terms_hash(agreement):
-            return "the receipt is not for our agreement"
-        if receipt.result_hash != message_hash(result) or receipt.usage != result.usage:
-            return "the receipt does not match the signed result"
-        limits = agreement.limits
-        if (
-            receipt.usage.wall_ms > limits.wall_seconds * 1000 + USAGE_SLACK_MS
-            or receipt.usage.cpu_ms > limits.cpu_seconds * 1000 + USAGE_SLACK_MS
-        ):
-            return "the metered usage exceeds the agreed limits"
-        expected = cost_of(receipt.usage, agreement.price_sheet, max_cost=agreement.max_cost)
-        if receipt.cost != expected:
-            return f"the cost {receipt.cost} is not the agreed price for this usage ({expected})"
-        try:
-            verify_role(receipt, "provider")
-        except BadSignature:
-            return "the provider's signature on the receipt is invalid"
-        return ""
 
 
 async def _abort(channel: FrameChannel) -> None:
