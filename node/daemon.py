@@ -39,8 +39,9 @@ from node.api_jobs import job_routes
 from node.api_reputation import reputation_routes
 from node.capacity.fake_nvml import nvml_from_env
 from node.capacity.probe import probe
-from node.capacity.summary import MachineCapacity, gpu_model_matches, resource_classes
+from node.capacity.summary import MachineCapacity, resource_classes
 from node.config import API_FILE, DB_FILE, NodeConfig
+from node.finder import Finder, FindStages, serve_ad
 from node.lan import LanJoiner
 from node.market.jobs import JobManager
 from node.market.provider import ProviderService
@@ -60,20 +61,13 @@ from protocol import codec
 from protocol.envelope import seal
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Identity
-from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID, runtime_mismatch
-from protocol.messages import CapacityAd, GpuSpec, Outcome, Receipt, Resources, Runtime
-from protocol.records import CAP_PREFIX, cap_key, select_ad_record, validate_ad_record
+from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID
+from protocol.messages import CapacityAd, GpuSpec, Outcome, Receipt, Runtime
+from protocol.records import AD_PROTOCOL_ID, CAP_PREFIX, cap_key, select_ad_record, validate_ad_record
 from protocol.reputation import REPUTATION_TOPIC, SYNC_PROTOCOL_ID
 
 logger = logging.getLogger(__name__)
 
-FIND_LOOKUP_TIMEOUT_S: Final = 5.0
-FIND_CACHE_S: Final = 3.0
-FIND_PROVIDERS_PER_CLASS: Final = 100
-# A provider's verified ad is reused this long (never past its expiry). Fetching one is a DHT walk, GET_VALUE at
-# the closest peers and py-libp2p's entry-correction PUTs, per provider per find: at 30 nodes, a find every 5 s
-# kept both cores busy. Its load figure may be this much older; the quote that follows is always fresh.
-AD_CACHE_S: Final = 30.0
 MAX_AD_ADDRS: Final = 8
 
 
@@ -122,38 +116,6 @@ def ad_from_capacity(
         addrs=tuple(a for a in addrs if len(a) <= 256)[:MAX_AD_ADDRS],
         runtimes=runtimes,
     )
-
-
-def ad_matches(ad: CapacityAd, query: FindQuery) -> bool:
-    if ad.cpus < query.cpus or ad.memory_bytes < query.memory_bytes or len(ad.gpus) < query.gpus:
-        return False
-    if query.runtime:
-        wanted = Resources(runtime=query.runtime, runtime_sha256=query.runtime_sha256)
-        if runtime_mismatch(ad.runtimes, wanted):
-            return False
-    if query.gpu_model:
-        return sum(1 for g in ad.gpus if gpu_model_matches(g.model, query.gpu_model)) >= max(query.gpus, 1)
-    return True
-
-
-def ad_to_json(ad: CapacityAd, *, expires_at_ms: int) -> dict[str, Any]:
-    return {
-        "peer_id": ad.peer,
-        "seq": ad.seq,
-        "cpus": ad.cpus,
-        "memory_bytes": ad.memory_bytes,
-        "disk_bytes": ad.disk_bytes,
-        "gpus": [{"model": g.model, "memory_bytes": g.memory_bytes} for g in ad.gpus],
-        "sandbox_tier": ad.sandbox_tier,
-        "runtimes": [
-            {"name": r.name, "interpreter": r.interpreter, "lock_sha256": r.lock_sha256.hex()} for r in ad.runtimes
-        ],
-        "load_permille": ad.load_permille,
-        "price_sheet": codec.to_plain(ad.price_sheet),
-        "addrs": list(ad.addrs),
-        "expires_at_ms": expires_at_ms,
-        "verified": True,
-    }
 
 
 def record_validators(
@@ -220,9 +182,11 @@ class Node:
         self._last_ad: CapacityAd | None = None
         self.sandbox_tier = "none"
         self.runtimes: tuple[Runtime, ...] = ()  # offered in the ad (set when the provider starts)
-        self._find_cache: dict[FindQuery, tuple[float, list[str]]] = {}
-        self._finding: dict[FindQuery, trio.Event] = {}  # finds in progress, which jobs wanting the same wait for
-        self._ad_cache: dict[str, tuple[float, CapacityAd, int]] = {}  # peer -> (reuse until, ad, expires at ms)
+        self._ad_record: bytes | None = None  # the signed ad we last put in the DHT, also served over a stream
+        self.finder = Finder(host, peer_id=identity.peer_id, clock_ms=clock_ms, skew_ms=self._skew_ms,
+                             own_ad=self._own_ad)  # fmt: skip
+        self.find = self.finder.find
+        self.find_peer_ids = self.finder.find_peer_ids
         self.jobs: JobManager | None = None
         self.store: Store | None = None
         self.reputation: ReputationService | None = None
@@ -245,39 +209,6 @@ class Node:
         if self.jobs is not None and self.store is not None:
             routes += job_routes(self.jobs, self.store, self.identity.peer_id)
         return routes
-
-    async def find_peer_ids(self, req: dict[str, Any]) -> list[str]:
-        """Providers for a job submission (the JobManager's finder), cached for FIND_CACHE_S.
-
-        A DHT walk is over half of a trivial job's round trip (docs/benchmarks.md); the ads it returns stay
-        valid until they expire, and a stale candidate costs only a failed quote, so jobs submitted together
-        share one walk. Jobs that miss the cache while a find for the same query runs wait for its answer
-        instead of each walking (up to ``[jobs] max_active`` of them miss together whenever the cache expires).
-        """
-        query = FindQuery(cpus=req["cpus"], memory_bytes=req["memory_bytes"], gpus=req["gpus"],
-                          gpu_model=req["gpu_model"], limit=50, runtime=req.get("runtime", ""),
-                          runtime_sha256=bytes.fromhex(req.get("runtime_sha256", "")))  # fmt: skip
-        cached = self._find_cache.get(query)
-        if cached is not None and trio.current_time() - cached[0] < FIND_CACHE_S:
-            return cached[1]
-        while (running := self._finding.get(query)) is not None:
-            # Another job is finding the same: share its answer rather than walk too. If it found nobody (not
-            # cached), the first job woken finds again and the others wait for that one.
-            await running.wait()
-            cached = self._find_cache.get(query)
-            if cached is not None:
-                return cached[1]
-        self._finding[query] = done = trio.Event()
-        try:
-            peers = [p["peer_id"] for p in await self.find(query)]
-        finally:
-            del self._finding[query]
-            done.set()
-        now = trio.current_time()
-        self._find_cache = {q: v for q, v in self._find_cache.items() if now - v[0] < FIND_CACHE_S}
-        if peers:  # an empty answer is not cached: the job is waiting for providers to appear
-            self._find_cache[query] = (now, peers)
-        return peers
 
     def capacity_tuple(self) -> tuple[int, int, int, tuple[str, ...]]:
         cap = self.capacity or self.probe_capacity()
@@ -342,7 +273,9 @@ class Node:
         )  # fmt: skip
         ttl_ms = int(self.config.ad_ttl_seconds * 1000)
         envelope = seal(self.identity, ad, now=now, ttl_ms=ttl_ms, nonce=secrets.token_bytes(16))
-        await self.host.dht_put(cap_key(self.identity.peer_id), codec.encode(envelope))
+        record = codec.encode(envelope)
+        await self.host.dht_put(cap_key(self.identity.peer_id), record)
+        self._ad_record = record
         classes = resource_classes(cap) if cap.cpus else []  # nothing offered: no hints either (node/hints.py)
         self._last_ad = ad
         if classes != self.ad_state.classes:
@@ -373,53 +306,12 @@ class Node:
 
     # ------------------------------------------------------------------------------------------- finding
 
-    async def _fetch_ad(self, peer_id: str, query: FindQuery, found: dict[str, dict[str, Any]]) -> None:
-        cached = self._ad_cache.get(peer_id)
-        if cached is not None and cached[0] > trio.current_time() and cached[2] > self.clock_ms():
-            _until, ad, expires_at_ms = cached
-            if ad_matches(ad, query):
-                found[peer_id] = ad_to_json(ad, expires_at_ms=expires_at_ms)
-            return
-        key = cap_key(peer_id)
-        with trio.move_on_after(FIND_LOOKUP_TIMEOUT_S):
-            try:
-                value = await self.host.dht_get(key)
-            except (ValueError, net.NetError) as exc:
-                logger.debug("ad lookup of %s failed: %s", peer_id, exc)
-                return
-            if value is None:
-                logger.debug("no ad found for %s", peer_id)
-                return
-            try:
-                verified = validate_ad_record(key, value, now=self.clock_ms(), max_skew_ms=self._skew_ms)
-            except RemoteProtocolError as exc:
-                logger.debug("ad of %s refused: %s", peer_id, exc)
-                return
-            self.host.learn_circuits(peer_id, verified.ad.addrs)  # relayed addresses, for when a direct dial fails
-            expires_at_ms = verified.envelope.expires_at
-            self._ad_cache[peer_id] = (trio.current_time() + AD_CACHE_S, verified.ad, expires_at_ms)
-            if ad_matches(verified.ad, query):
-                found[peer_id] = ad_to_json(verified.ad, expires_at_ms=expires_at_ms)
+    def _own_ad(self) -> tuple[CapacityAd, int] | None:
+        return None if self._last_ad is None else (self._last_ad, self.ad_state.expires_at_ms)
 
-    async def find(self, query: FindQuery, *, trace: net.LookupTrace | None = None) -> list[dict[str, Any]]:
-        """Providers whose signed, unexpired ads satisfy ``query`` (hints confirmed by fetching the ad).
-
-        Given a ``trace``, the provider lookup's queries, rounds, hops and time are recorded in it.
-        """
-        resource_class = "gpu" if query.gpus or query.gpu_model else "cpu"
-        candidates = await hints.find(self.host, resource_class, FIND_PROVIDERS_PER_CLASS, trace=trace)
-        logger.debug("find %s: provider hints %s", resource_class, candidates)
-        now, now_ms = trio.current_time(), self.clock_ms()
-        self._ad_cache = {p: c for p, c in self._ad_cache.items() if c[0] > now and c[2] > now_ms}
-        found: dict[str, dict[str, Any]] = {}
-        if self._last_ad is not None and ad_matches(self._last_ad, query):
-            found[self.identity.peer_id] = ad_to_json(self._last_ad, expires_at_ms=self.ad_state.expires_at_ms)
-        async with trio.open_nursery() as nursery:
-            for peer_id in dict.fromkeys(candidates):
-                if peer_id != self.identity.peer_id:
-                    nursery.start_soon(self._fetch_ad, peer_id, query, found)
-        ranked = sorted(found.values(), key=lambda p: (p["load_permille"], p["peer_id"]))
-        return ranked[: query.limit]
+    def ad_record(self) -> bytes | None:
+        """The ad record we serve on ``/coop/ad/1.0.0``: the one in the DHT, until it expires."""
+        return self._ad_record if self.ad_state.expires_at_ms > self.clock_ms() else None
 
     # ------------------------------------------------------------------------------------------- API backend
 
@@ -489,11 +381,11 @@ class Node:
 
     async def api_find(self, query: FindQuery) -> dict[str, Any]:
         """The providers, and how the DHT lookup for their hints went (``net.LookupTrace``: hops, queries, ms)."""
-        trace = net.LookupTrace()
+        trace, stages = net.LookupTrace(), FindStages()
         t = time.perf_counter()
-        providers = await self.find(query, trace=trace)
+        providers = await self.find(query, trace=trace, stages=stages)
         find_ms = round((time.perf_counter() - t) * 1000, 1)
-        return {"providers": providers, "lookup": trace.as_dict() | {"find_ms": find_ms}}
+        return {"providers": providers, "lookup": trace.as_dict() | stages.as_dict() | {"find_ms": find_ms}}
 
 
 async def _wait_for_signal(cancel_scope: trio.CancelScope, node_say: Callable[[str], None]) -> None:
@@ -562,6 +454,7 @@ async def _serve(
             provider.on_receipt = partial(_rate_client, reputation)
             host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))
             host.set_stream_handler(JOB_PROTOCOL_ID, _handler(provider.rpc_job))
+            host.set_stream_handler(AD_PROTOCOL_ID, _handler(partial(serve_ad, node.ad_record)))
         host.set_stream_handler(SYNC_PROTOCOL_ID, _handler(reputation.rpc_sync))
         node.say(f"peer id {identity.peer_id}")
         for addr in node.addrs():

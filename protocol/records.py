@@ -30,6 +30,10 @@ CAP_PREFIX: Final = f"/{NAMESPACE}/cap/"
 CLASS_PREFIX: Final = f"/{NAMESPACE}/cls/"
 AD_REFRESH_MS: Final = 60_000  # re-publish every 60 s ...
 AD_TTL_MS: Final = 120_000  # ... and let each ad expire after 120 s (the Petals cadence)
+# A provider also serves its current ad record itself: open a stream, read one frame of at most this size (the
+# record is the same bytes as in the DHT and is validated the same way).
+AD_PROTOCOL_ID: Final = f"/{NAMESPACE}/ad/1.0.0"
+AD_RECORD_MAX_BYTES: Final = 16 << 10
 
 
 def _short(text: str) -> str:

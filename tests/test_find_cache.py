@@ -1,9 +1,10 @@
 """`Node.find` reuses a provider's verified ad for AD_CACHE_S, never past the ad's expiry.
 
-Fetching an ad is a DHT walk, GET_VALUE at the closest peers and py-libp2p's entry-correction PUTs, for every
-provider in every find: at 30 nodes a find every 5 s kept two cores busy (docs/benchmarks.md, "Discovery"). The
-DHT side is stood in for here (the cluster tests find real ads through real hosts); what is under test is when a
-find goes back to the DHT.
+Fetching an ad is a stream to its provider or, when that fails, a DHT walk, GET_VALUE at the closest peers and
+py-libp2p's entry-correction PUTs, for every provider in every find: at 30 nodes a find every 5 s kept two cores
+busy (docs/benchmarks.md, "Discovery"). The network side is stood in for here (providers that cannot be reached
+directly, tests/test_ad_fetch.py and the cluster tests use real hosts); what is under test is when a find goes
+back to the network.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 import trio
 import trio.testing
 
+from node import net
 from node.api import FindQuery
 from node.config import NodeConfig
-from node.daemon import AD_CACHE_S, FIND_CACHE_S, Node
+from node.daemon import Node
+from node.finder import AD_CACHE_S, FIND_CACHE_S
 from protocol import codec
 from protocol.envelope import seal
 from protocol.records import cap_key
@@ -39,6 +42,9 @@ class DhtStandIn:
     async def dht_get(self, key: str) -> bytes | None:
         self.fetched.append(key)
         return self.ads.get(key)
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> Any:
+        raise net.DialError(f"{peer_id} is behind a NAT: its ad comes from the DHT")
 
     def learn_circuits(self, peer_id: str, addrs: Any) -> None:
         pass

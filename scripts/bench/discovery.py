@@ -15,8 +15,11 @@ What a find reports (``/v1/find``'s ``lookup``, filled by ``node/net/lookup.py``
   each named by the one before (1 = only peers from our routing table); ``rounds``: its batches of up to ALPHA
   (10) parallel queries; ``queried``: FIND_NODE queries sent.
 - ``total_ms``: the walk plus one GET_PROVIDERS to each of the (up to 20) closest peers found: the provider hints.
-- ``find_ms``: the whole find, i.e. also fetching and verifying every hinted provider's signed ad (a DHT get each,
-  in parallel). This part grows with the number of providers, not with log N.
+- ``hints_ms``: the main key's lookup and, when its answer is full (20 or more), the 8 shard keys' (node/hints.py).
+- ``ads_ms``, ``find_ms``: confirming every hinted provider's signed ad, and the whole find. Each ad is reused
+  for 30 s (``ads_cached``), else asked of its provider over a stream (``ads_direct``), else of the DHT
+  (``ads_dht``, a walk each); ``ads_missing``: neither had one. This part grows with the number of providers,
+  not with log N.
 
 Printed per N: medians (p90) of each, ``walk_ms / log2 N`` and ``hops / log2 N``, which stay flat if the lookup
 grows as log N, and the load average (the machine is shared). The cluster is stopped before the next N.
@@ -46,7 +49,8 @@ from scripts.cluster import Cluster, NodeInfo
 START_TIMEOUT_S = 900.0
 CONVERGE_TIMEOUT_S = 300.0
 CONVERGE_POLL_S = 5.0  # each poll is a find: a DHT walk, then a DHT get per provider, so not too often
-FIGURES = ["walk_ms", "total_ms", "find_ms", "hops", "rounds", "queried", "provider_queries", "providers", "found"]
+FIGURES = ["walk_ms", "total_ms", "hints_ms", "ads_ms", "find_ms", "hops", "rounds", "queried", "provider_queries",
+           "providers", "ads_cached", "ads_direct", "ads_dht", "ads_missing", "found"]  # fmt: skip
 
 
 def rss_mib(node: NodeInfo) -> float:
@@ -143,7 +147,7 @@ def med_p90(values: list[float]) -> str:
 def report(results: list[dict[str, Any]]) -> None:
     head = ["N", "log2 N", "start", "converged", "idle CPU", "RSS/node, median (max)", "load", "FIND_NODE walk ms",
             "walk / log2 N", "hops", "hops / log2 N", "rounds", "queried", "hints ms (walk + GET_PROVIDERS)",
-            "find ms (+ ads)", "found"]  # fmt: skip
+            "find ms (+ ads)", "of which shards", "of which ads", "found"]  # fmt: skip
     print(f"\n| {' | '.join(head)} |\n|{'---|' * len(head)}")
     for r in results:
         col = {k: [float(s[k]) for s in r["samples"]] for k in FIGURES}
@@ -156,7 +160,8 @@ def report(results: list[dict[str, Any]]) -> None:
                  f"{hops:g} ({min(col['hops']):g}-{max(col['hops']):g})",
                  f"{hops / log_n:.2f}", f"{statistics.median(col['rounds']):g}",
                  f"{statistics.median(col['queried']):g}", med_p90(col["total_ms"]), med_p90(col["find_ms"]),
-                 f"{statistics.median(col['found']):g}/{r['providers']}"]  # fmt: skip
+                 med_p90([h - t for h, t in zip(col["hints_ms"], col["total_ms"], strict=True)]),
+                 med_p90(col["ads_ms"]), f"{statistics.median(col['found']):g}/{r['providers']}"]  # fmt: skip
         print(f"| {' | '.join(map(str, cells))} |")
     print("\nmedian (p90) over every querier's finds; hops as median (range)")
 
