@@ -5,7 +5,7 @@ confirms each hint with the provider's current signed ad and keeps those whose a
 
 An ad is fetched from the provider itself first (``/coop/ad/1.0.0``: the provider answers with the very bytes it
 put in the DHT, and we dial it next anyway to ask for a quote); the DHT copy under ``/coop/cap/<hash>`` is the
-fallback for a provider we cannot reach directly or that does not answer. Either way the record is validated as a
+fallback for a provider we cannot reach directly or that is slow to answer (:meth:`Finder.fetch_ad`). Either way the record is validated as a
 DHT record is: signature, signer = the peer we asked about, unexpired. Fetching every ad from the DHT was one walk
 per provider per find: at 30 nodes a find took 16-60 s and lost a quarter of the providers to walk timeouts
 (docs/benchmarks.md, "Discovery").
@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 import trio
@@ -37,8 +37,8 @@ from protocol.records import AD_PROTOCOL_ID, AD_RECORD_MAX_BYTES, VerifiedAd, ca
 
 logger = logging.getLogger(__name__)
 
-FIND_LOOKUP_TIMEOUT_S: Final = 5.0  # one ad from the DHT
-AD_DIRECT_TIMEOUT_S: Final = 3.0  # one ad from its provider (dial, stream, one frame)
+AD_DIRECT_TIMEOUT_S: Final = 3.0  # the provider alone is asked for its ad this long, then the DHT too ...
+FIND_LOOKUP_TIMEOUT_S: Final = 5.0  # ... for at most this much longer
 FIND_CACHE_S: Final = 3.0
 FIND_PROVIDERS_PER_CLASS: Final = 100
 # A provider's verified ad is reused this long (never past its expiry). Its load figure may be this much older;
@@ -51,7 +51,8 @@ class FindStages:
     """Where one find's time went (``/v1/find``'s ``lookup``, scripts/bench/discovery.py).
 
     ``hints_ms``: the main class key's lookup and, when its answer is full, the shard keys'; ``ads_ms``: confirming
-    the hints; the ``ads_*`` counts say where each confirmed ad came from.
+    the hints; the ``ads_*`` counts say where each confirmed ad came from, ``direct_failed`` why a provider's own
+    answer was not used (``dial``, ``no-ad``, ``invalid``, ``timeout``).
     """
 
     hints_ms: float = 0.0
@@ -60,8 +61,9 @@ class FindStages:
     ads_direct: int = 0
     ads_dht: int = 0
     ads_missing: int = 0
+    direct_failed: dict[str, int] = field(default_factory=dict)  # why a provider's own answer was not used
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
@@ -201,41 +203,72 @@ class Finder:
                 found[peer_id] = ad_to_json(ad, expires_at_ms=expires_at_ms)
 
     async def fetch_ad(self, peer_id: str, stages: FindStages | None = None) -> tuple[float, CapacityAd, int] | None:
-        """``peer_id``'s verified ad (from the peer, else from the DHT), cached; None if neither has a valid one."""
-        key = cap_key(peer_id)
-        verified = None
-        with trio.move_on_after(self.direct_timeout_s):
-            verified = self._verify(key, await self._ask_provider(peer_id))
+        """``peer_id``'s verified ad, cached; None if neither the peer nor the DHT has a valid one in time.
+
+        The provider is asked first. When it has not answered within ``direct_timeout_s`` (or has failed), the
+        DHT is asked too, and the first valid answer of the two wins: on a loaded machine a provider's answer can
+        be late rather than missing, and a walk is no faster.
+        """
         stages = stages if stages is not None else FindStages()
-        if verified is not None:
+        key = cap_key(peer_id)
+        found: list[tuple[VerifiedAd, str]] = []
+        failure = ["timeout"]  # why the provider's own answer was not used
+        asked_dht = trio.Event()
+
+        async def direct(done: trio.CancelScope) -> None:
+            value, why = await self._ask_provider(peer_id)
+            verified = self._verify(key, value)
+            if verified is not None:
+                found.append((verified, "direct"))
+                done.cancel()
+            else:
+                failure[0] = "invalid" if value is not None else why
+                asked_dht.set()
+
+        async def from_dht(done: trio.CancelScope) -> None:
+            with trio.move_on_after(self.direct_timeout_s):
+                await asked_dht.wait()
+            try:
+                verified = self._verify(key, await self.host.dht_get(key))
+            except (ValueError, net.NetError) as exc:
+                logger.debug("ad lookup of %s failed: %s", peer_id, exc)
+                return
+            if verified is not None:
+                found.append((verified, "dht"))
+                done.cancel()
+
+        with trio.move_on_after(self.direct_timeout_s + FIND_LOOKUP_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(direct, nursery.cancel_scope)
+                nursery.start_soon(from_dht, nursery.cancel_scope)
+        if not found or found[0][1] != "direct":
+            stages.direct_failed[failure[0]] = stages.direct_failed.get(failure[0], 0) + 1
+        if not found:
+            stages.ads_missing += 1
+            return None
+        verified, source = found[0]
+        if source == "direct":
             stages.ads_direct += 1
         else:
-            with trio.move_on_after(FIND_LOOKUP_TIMEOUT_S):
-                try:
-                    verified = self._verify(key, await self.host.dht_get(key))
-                except (ValueError, net.NetError) as exc:
-                    logger.debug("ad lookup of %s failed: %s", peer_id, exc)
-            if verified is None:
-                stages.ads_missing += 1
-                return None
             stages.ads_dht += 1
         self.host.learn_circuits(peer_id, verified.ad.addrs)  # relayed addresses, for when a direct dial fails
         entry = (trio.current_time() + AD_CACHE_S, verified.ad, verified.envelope.expires_at)
         self._ad_cache[peer_id] = entry
         return entry
 
-    async def _ask_provider(self, peer_id: str) -> bytes | None:
+    async def _ask_provider(self, peer_id: str) -> tuple[bytes | None, str]:
+        """The record ``peer_id`` sends on ``/coop/ad/1.0.0``, or None and why not (``dial``, ``no-ad``)."""
         try:
             stream = await self.host.open_stream(peer_id, AD_PROTOCOL_ID)
         except net.NetError as exc:
             logger.debug("could not ask %s for its ad: %s", peer_id, exc)
-            return None
+            return None, "dial"
         async with stream:  # closed after the frame; reset (shielded) if we time out or fail
             try:
-                return await net.receive_frame(stream, AD_RECORD_MAX_BYTES)
+                return await net.receive_frame(stream, AD_RECORD_MAX_BYTES), ""
             except net.NetError as exc:
                 logger.debug("%s sent no ad: %s", peer_id, exc)
-                return None
+                return None, "no-ad"
 
     def _verify(self, key: str, value: bytes | None) -> VerifiedAd | None:
         if value is None:

@@ -86,7 +86,8 @@ async def find(
     full_at: int = PROVIDERS_PER_KEY,
 ) -> list[str]:
     """Peers that announced ``resource_class``, at most ``count``: the main key's, and when it answers ``full_at``
-    or more (a storing node keeps 20 per key, so some may be missing) every shard key's too.
+    or more (a storing node keeps 20 per key, so some may be missing) every shard key's too. A shard key is not
+    full, so it is asked of the few closest peers we know, without a walk (``NetHost.find_providers(nearby=True)``).
 
     The ``trace`` follows the main key's lookup only.
     """
@@ -98,7 +99,7 @@ async def find(
     async def shard(n: int) -> None:
         key = class_key(resource_class, n)
         try:
-            found.update(dict.fromkeys(await host.find_providers(key, count)))
+            found.update(dict.fromkeys(await host.find_providers(key, count, nearby=True)))
         except net.NetError as exc:  # one shard fewer: the others still answer
             log.debug("hints of %s failed: %s", key, exc)
 

@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 from functools import partial
 
 import trio
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
 
 from node.net import LookupTrace, NetHost, keep_routing_table, open_host
@@ -119,3 +120,45 @@ async def test_a_node_serves_more_dht_queries_at_once_than_the_twelve_py_libp2p_
                 release.set()
             assert len(answers) == 20
             assert all(c.peer_id in answer for answer in answers), answers
+
+
+async def test_a_nearby_lookup_asks_the_closest_peers_it_knows_and_walks_only_when_its_table_lacks_them() -> None:
+    """Shard keys are not full, so `find_providers(nearby=True)` asks the 4 closest peers of our routing table,
+    with no FIND_NODE walk. When their answers name closer peers we did not know, it walks instead."""
+    with trio.fail_after(90):
+        async with AsyncExitStack() as stack:
+            hosts: list[NetHost] = [
+                await stack.enter_async_context(open_host(seed=Identity.generate().seed(), listen=LOOPBACK))
+                for _ in range(11)
+            ]
+            hub, *rest = hosts[:10]
+            outsider = hosts[10]
+            for host in rest:
+                assert await host.bootstrap(hub.addrs()) == 1
+            key = _key("cpu#3")
+            by_distance = [
+                p.to_base58()
+                for p in sort_peer_ids_by_distance(key.encode(), [ID.from_base58(h.peer_id) for h in rest])
+            ]
+            provider = next(h for h in rest if h.peer_id == by_distance[0])
+            assert await provider.provide(key)
+
+            # A node whose table holds the whole network: one round of GET_PROVIDERS, no walk.
+            knows_all = rest[-1] if rest[-1] is not provider else rest[-2]
+            await knows_all._dht.refresh_routing_table()
+            assert knows_all.routing_table_size() >= 8
+            trace = LookupTrace()
+            assert await knows_all.find_providers(key, 5, trace=trace, nearby=True) == [provider.peer_id]
+            assert trace.queried == 0
+            assert trace.provider_queries == 4
+
+            # A node that knows the hub and the three peers farthest from the key: the hub names closer peers.
+            far = [h for h in rest if h.peer_id in by_distance[-3:]]
+            for host in [hub, *far]:  # as if learnt one by one: connect() alone adds no peer to the table
+                await outsider.connect(host.addrs()[0])
+                table = outsider._dht.routing_table
+                assert await table.add_peer(ID.from_base58(host.peer_id), skip_server_mode_check=True)
+            assert set(outsider.routing_table_peers()) == {h.peer_id for h in [hub, *far]}
+            trace = LookupTrace()
+            assert await outsider.find_providers(key, 5, trace=trace, nearby=True) == [provider.peer_id]
+            assert trace.queried >= 1  # it walked

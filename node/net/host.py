@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict
@@ -25,7 +24,7 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.rcmgr.manager import ResourceManager
 from libp2p.rcmgr.metrics import MetricType
 from libp2p.records.validator import Validator
@@ -44,7 +43,6 @@ from node.net.common import (
     MAX_GOSSIP_BYTES,
     MIN_DHT_KEY_BYTES,
     PROVIDER_ADDR_TTL_S,
-    PROVIDER_QUERY_TIMEOUT_S,
     DialError,
     InvalidAddress,
     ListenError,
@@ -60,7 +58,14 @@ from node.net.gossip import (
     _Gossip,
 )
 from node.net.limits import NetLimits, StreamLimiter, new_resource_manager
-from node.net.lookup import LookupTrace, activate, deactivate, elapsed_ms, instrument
+from node.net.lookup import (
+    LookupTrace,
+    activate,
+    deactivate,
+    instrument,
+    providers_at_closest,
+    providers_nearby,
+)
 from node.net.mdns import LanDiscovery, all_loopback, open_mdns
 from node.net.relay import Relay, is_circuit, open_relay
 from node.net.stream import NetStream
@@ -443,11 +448,16 @@ class NetHost:
         """
         return await self._dht.provider_store.provide(_check_dht_key(key))
 
-    async def find_providers(self, key: str, count: int, *, trace: LookupTrace | None = None) -> list[str]:
+    async def find_providers(
+        self, key: str, count: int, *, trace: LookupTrace | None = None, nearby: bool = False
+    ) -> list[str]:
         """Peer ids that announced ``key``, deduplicated, at most ``count``. Hints only: confirm over a stream.
 
         Their advertised addresses are added to the peerstore so :meth:`open_stream` can dial them. Given a
         ``trace``, the lookup's queries, rounds, hops and times are recorded in it (``node/net/lookup.py``).
+        ``nearby``: the key is not full (a shard key), so asking the few closest peers our routing table knows is
+        enough, with no walk, unless their answers show that our table lacks the key's neighbourhood
+        (:func:`~node.net.lookup.providers_nearby`).
 
         Raises:
             ValueError: a malformed key.
@@ -455,7 +465,9 @@ class NetHost:
         raw_key = _check_dht_key(key)
         token = activate(trace)
         try:
-            infos = await self._lookup_providers(raw_key, trace)
+            infos = await providers_nearby(self._dht, raw_key, trace) if nearby else None
+            if infos is None:
+                infos = await providers_at_closest(self._dht, raw_key, trace)
         finally:
             deactivate(token)
         peerstore = self._host.get_peerstore()
@@ -474,36 +486,6 @@ class NetHost:
             if len(found) >= count:
                 break
         return found
-
-    async def _lookup_providers(self, raw_key: bytes, trace: LookupTrace | None) -> list[PeerInfo]:
-        """Local provider records plus those held by the peers closest to the key.
-
-        ``ProviderStore.find_providers`` returns the local records alone whenever there are any, so a node that
-        provides a key itself (or heard of one provider) never sees the others. Provider records are stored at
-        the k peers closest to the key, so we find those peers and ask each, merging with the local records.
-        """
-        started = time.perf_counter()
-        store = self._dht.provider_store
-        infos: list[PeerInfo] = list(store.get_providers(raw_key))
-        closest = await self._dht.peer_routing.find_closest_peers_network(raw_key)
-        if trace is not None:
-            trace.walk_ms = elapsed_ms(started)
-
-        async def ask(peer: ID) -> None:
-            # The private helper catches (and logs) every error itself and returns ([], []) then.
-            with trio.move_on_after(PROVIDER_QUERY_TIMEOUT_S):
-                providers, _closer = await store._get_providers_from_peer_with_closers(peer, raw_key)
-                infos.extend(providers)
-
-        async with trio.open_nursery() as nursery:
-            for peer in closest:
-                if peer != self._host.get_id():
-                    nursery.start_soon(ask, peer)
-                    if trace is not None:
-                        trace.provider_queries += 1
-        if trace is not None:
-            trace.providers, trace.total_ms = len(infos), elapsed_ms(started)
-        return infos
 
     # Gossip
 

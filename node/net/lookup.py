@@ -24,7 +24,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+
+from node.net.common import PROVIDER_QUERY_TIMEOUT_S
 
 if TYPE_CHECKING:
     from node.net.host import NetHost
@@ -116,6 +120,81 @@ def instrument(peer_routing: Any) -> None:
 
 def elapsed_ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000
+
+
+async def providers_at_closest(dht: Any, raw_key: bytes, trace: LookupTrace | None) -> list[PeerInfo]:
+    """Local provider records plus those held by the peers closest to the key (a walk, then GET_PROVIDERS to each).
+
+    ``ProviderStore.find_providers`` returns the local records alone whenever there are any, so a node that
+    provides a key itself (or heard of one provider) never sees the others. Provider records are stored at
+    the k peers closest to the key, so we find those peers and ask each, merging with the local records.
+    """
+    started = time.perf_counter()
+    store = dht.provider_store
+    infos: list[PeerInfo] = list(store.get_providers(raw_key))
+    closest = await dht.peer_routing.find_closest_peers_network(raw_key)
+    if trace is not None:
+        trace.walk_ms = elapsed_ms(started)
+    await _ask_providers(dht, raw_key, [p for p in closest if p != dht.host.get_id()], infos, set(), trace)
+    if trace is not None:
+        trace.providers, trace.total_ms = len(infos), elapsed_ms(started)
+    return infos
+
+
+NEARBY_ASK: Final = 4  # peers a nearby lookup asks (of the ~20 that store a key's provider records)
+
+
+async def providers_nearby(
+    dht: Any, raw_key: bytes, trace: LookupTrace | None, *, ask: int = NEARBY_ASK
+) -> list[PeerInfo] | None:
+    """Provider records of a key that is not full, from the ``ask`` closest peers in our routing table, no walk.
+
+    Every one of the ~k peers closest to a key stores its provider records, so while a key holds fewer than k
+    providers (a shard key, ``protocol/records.py``) any few of them answer alike. A find asks 8 shard keys, and
+    a walk plus GET_PROVIDERS to 20 peers each was 240 streams per find, two thirds of an N = 30 find's time on a
+    loaded machine (docs/benchmarks.md, "Discovery", fourth round). GET_PROVIDERS answers also name the closer
+    peers the asked peer knows: when one of those ranks among the ``ask`` closest and we did not know it, our
+    table lacks the key's neighbourhood (a large network), and we return None for a full lookup instead. Also
+    None when the table holds fewer than ``ask`` peers or fewer than half of those asked answer.
+    """
+    started = time.perf_counter()
+    me = dht.host.get_id()
+    asked = [p for p in dht.routing_table.find_local_closest_peers(raw_key, ask) if p != me]
+    if len(asked) < ask:
+        return None
+    infos: list[PeerInfo] = list(dht.provider_store.get_providers(raw_key))
+    named: set[ID] = set()
+    answered = await _ask_providers(dht, raw_key, asked, infos, named, trace)
+    nearest = sort_peer_ids_by_distance(raw_key, list((set(asked) | named) - {me}))[:ask]
+    if answered * 2 < len(asked) or not set(nearest) <= set(asked):
+        return None
+    if trace is not None:
+        trace.providers, trace.total_ms = len(infos), elapsed_ms(started)
+    return infos
+
+
+async def _ask_providers(
+    dht: Any, raw_key: bytes, peers: list[ID], infos: list[PeerInfo], named: set[ID], trace: LookupTrace | None
+) -> int:
+    """GET_PROVIDERS to each of ``peers`` at once: records into ``infos``, closer peers into ``named``; answers."""
+    store = dht.provider_store
+    answered = 0
+
+    async def ask(peer: ID) -> None:
+        nonlocal answered
+        # The private helper catches (and logs) every error itself and returns ([], []) then.
+        with trio.move_on_after(PROVIDER_QUERY_TIMEOUT_S):
+            providers, closer = await store._get_providers_from_peer_with_closers(peer, raw_key)
+            infos.extend(providers)
+            named.update(closer)
+            answered += bool(providers or closer)
+
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(ask, peer)
+            if trace is not None:
+                trace.provider_queries += 1
+    return answered
 
 
 ROUTING_TABLE_MIN_PEERS: Final = 5  # below this, a node keeps refreshing its routing table (with back-off)

@@ -18,8 +18,8 @@ What a find reports (``/v1/find``'s ``lookup``, filled by ``node/net/lookup.py``
 - ``hints_ms``: the main key's lookup and, when its answer is full (20 or more), the 8 shard keys' (node/hints.py).
 - ``ads_ms``, ``find_ms``: confirming every hinted provider's signed ad, and the whole find. Each ad is reused
   for 30 s (``ads_cached``), else asked of its provider over a stream (``ads_direct``), else of the DHT
-  (``ads_dht``, a walk each); ``ads_missing``: neither had one. This part grows with the number of providers,
-  not with log N.
+  (``ads_dht``, a walk each; ``direct_failed`` says why); ``ads_missing``: neither had one. This part grows
+  with the number of providers, not with log N.
 
 Printed per N: medians (p90) of each, ``walk_ms / log2 N`` and ``hops / log2 N``, which stay flat if the lookup
 grows as log N, and the load average (the machine is shared). The cluster is stopped before the next N.
@@ -109,7 +109,8 @@ def measure(cluster: Cluster, finds: int, queriers: int) -> dict[str, Any]:
             for i in picks:
                 samples.append(find(https[i]) | {"querier": i})
         for s in samples:
-            print(f"    node{s['querier']}: " + ", ".join(f"{k} {s[k]:g}" for k in [*FIGURES, "http_ms"]), flush=True)
+            figures = ", ".join(f"{k} {s[k]:g}" for k in [*FIGURES, "http_ms"])
+            print(f"    node{s['querier']}: {figures}, direct_failed {s['direct_failed']}", flush=True)
     finally:
         for http in https.values():
             http.close()
