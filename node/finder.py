@@ -5,10 +5,10 @@ confirms each hint with the provider's current signed ad and keeps those whose a
 
 An ad is fetched from the provider itself first (``/coop/ad/1.0.0``: the provider answers with the very bytes it
 put in the DHT, and we dial it next anyway to ask for a quote); the DHT copy under ``/coop/cap/<hash>`` is the
-fallback for a provider we cannot reach directly or that is slow to answer (:meth:`Finder.fetch_ad`). Either way the record is validated as a
-DHT record is: signature, signer = the peer we asked about, unexpired. Fetching every ad from the DHT was one walk
-per provider per find: at 30 nodes a find took 16-60 s and lost a quarter of the providers to walk timeouts
-(docs/benchmarks.md, "Discovery").
+fallback for a provider we cannot reach directly or that is slow to answer (:meth:`Finder.fetch_ad`). Either way
+the record is validated as a DHT record is: signature, signer = the peer we asked about, unexpired. Fetching every
+ad from the DHT was one walk per provider per find: at 30 nodes a find took 16-60 s and lost a quarter of the
+providers to walk timeouts (docs/benchmarks.md, "Discovery").
 
 Two caches keep a busy client off the network: a verified ad is reused for :data:`AD_CACHE_S` (never past its
 expiry), and a job's answer (:meth:`Finder.find_peer_ids`) for :data:`FIND_CACHE_S`; jobs that miss the answer
