@@ -7,7 +7,8 @@ one nursery until SIGINT/SIGTERM:
 * one bootstrap keeper per bootstrap peer: connect, seed the routing table, refresh it; when the peer is down or
   drops, retry with doubling back-off up to ``bootstrap_retry_max_seconds``;
 * the advertiser (unless ``--no-provide``): every ``ad_refresh_seconds`` probe capacity, sign a CapacityAd valid
-  for ``ad_ttl_seconds`` and store it in the DHT under this node's own key;
+  for ``ad_ttl_seconds`` and store it in the DHT under this node's own key; the same record is served to finders
+  on ``/coop/ad/1.0.0`` (:mod:`node.finder`, which owns finding providers);
 * the hint announcer (:mod:`node.hints`): provider records for the ad's resource classes, at start, when the
   classes change, and at a slower, backing-off pace than the ad (the DHT keeps them 48 h).
 

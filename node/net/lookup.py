@@ -1,4 +1,5 @@
-"""Counting the hops of a DHT lookup, which py-libp2p 0.8.1 does not expose; keeping a short routing table filled.
+"""Provider lookups (:func:`providers_at_closest`, :func:`providers_nearby`), counting their hops (py-libp2p
+0.8.1 does not expose them), and keeping a short routing table filled.
 
 ``PeerRouting.find_closest_peers_network`` (the iterative FIND_NODE walk under ``find_providers`` and
 ``get_value``) keeps its round and query counts in locals and only logs them at INFO. So :func:`instrument` wraps
