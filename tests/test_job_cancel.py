@@ -1,4 +1,5 @@
-"""A cancelled job stays cancelled, even when its task runs on after the cancel (node/market/jobs.py).
+"""A cancelled job stays cancelled, even when its task runs on after the cancel (node/market/jobs.py); a job that
+already has its receipt cannot be cancelled.
 
 The dial here behaves as a library may under a cancel: it swallows the cancellation and fails instead. The job's
 task then sees an unreachable provider and would mark the job "queued, waiting for a free provider" before its
@@ -18,6 +19,7 @@ from node.market.jobs import JobManager
 from node.market.requests import SubmitRequest
 from node.store import Store
 from protocol.identity import Identity
+from tests.test_store import signed_receipt
 
 PROVIDER = Identity.generate().peer_id
 
@@ -56,4 +58,30 @@ async def test_a_job_cancelled_while_its_task_swallows_the_cancel_stays_cancelle
             row = store.get_job(job_id, "client")
             assert row is not None
             assert (row.state, row.error) == ("cancelled", "cancelled by the user")
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_job_whose_receipt_is_stored_is_past_cancelling(tmp_path) -> None:
+    """The receipt is stored before our signature goes back to the provider (write ahead); a cancel in that send
+    used to leave a "cancelled" job holding a receipt and a ledger entry."""
+    host = SwallowingHost()
+
+    async def find_providers(req: dict[str, Any]) -> list[str]:
+        return [PROVIDER]
+
+    with trio.fail_after(10), Store.open(tmp_path / "coop.db") as store:
+        manager = JobManager(identity=Identity.generate(), messenger=None, store=store, host=host,  # type: ignore[arg-type]
+                             find_providers=find_providers, provider=None, jobs_dir=tmp_path / "jobs",
+                             clock_ms=lambda: 1_780_000_000_000)  # fmt: skip
+        (tmp_path / "jobs").mkdir()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.serve)
+            job_id = await manager.submit(SubmitRequest(command=("true",)))
+            await host.dialling.wait()
+            store.put_receipt(signed_receipt(job_id=job_id))  # as _exchange does before sending our signature
+            assert not manager.cancel(job_id)
+            row = store.get_job(job_id, "client")
+            assert row is not None
+            assert row.state != "cancelled"
+            assert job_id in manager._scopes  # its task was left to finish
             nursery.cancel_scope.cancel()
