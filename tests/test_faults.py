@@ -168,7 +168,11 @@ async def check_nothing_lost(client, providers, client_jobs, *, killed=frozenset
         assert (provider_ledger["earned"], provider_ledger["spent"]) == (earned, 0)
     assert all(len(h) == 1 for h in holders.values()), holders
     lost = {j: who for j, (who, _) in paid.items() if j not in holders}
-    assert set(lost.values()) <= set(killed), lost
+    if not set(lost.values()) <= set(killed):  # say what each side recorded, so a failure can be explained
+        views = {j: (client_jobs.get(j, {}).get("attempts"), await job_or_none(next(p for p in providers
+                     if p.peer_id == who), j)) for j, who in lost.items() if who not in killed}  # fmt: skip
+        logs = [line for node in (client, *providers) for line in node.lines if any(j in line for j in views)]
+        raise AssertionError(f"receipts only the client holds, from providers never killed: {views}; logs: {logs}")
     return lost
 
 

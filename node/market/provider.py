@@ -484,7 +484,8 @@ class ProviderService:
             await self.messenger.send(channel, ours)
             with trio.fail_after(RECEIPT_WAIT_S):
                 answer = await self.messenger.receive(channel, (Receipt, Reject))
-        except (ChannelClosed, trio.TooSlowError):
+        except (ChannelClosed, trio.TooSlowError) as exc:
+            log.warning("job %s: no countersigned receipt from the client: %r", spec.job_id, exc)
             self.store.update_job(spec.job_id, "provider", now_ms=self.clock_ms(), state="failed",
                                   error="the client went away before signing the receipt")  # fmt: skip
             return
