@@ -126,7 +126,7 @@ def job_routes(jobs: JobManager, store: Store, me: str) -> list[Route]:
         job_id = request.path_params["job_id"]
         if store.get_job(job_id, "client") is None:
             return _error(404, "not-found", "no such job submitted by this node")
-        cancelled = jobs.cancel(job_id)
+        cancelled = await jobs.cancel(job_id)
         return JSONResponse({"job_id": job_id, "cancelled": cancelled})
 
     async def logs(request: Request) -> Response:

@@ -161,7 +161,7 @@ class Client:
         return self._get("jobs", {"limit": limit})["jobs"]  # type: ignore[no-any-return]
 
     def cancel(self, job_id: str) -> bool:
-        """Cancel a job this node submitted. Returns False when it had already ended."""
+        """Cancel a job this node submitted; returns once it stopped. False when it had ended or was paid for."""
         return bool(self._request("POST", _path("jobs", job_id, "cancel")).json()["cancelled"])
 
     def market(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import Any, Final
 import trio
 
 from node import net
+from node.market import wire
 from node.market.provider import ProviderService
 from node.market.queue import DEFAULT_MAX_ACTIVE, DEFAULT_MAX_UNFINISHED, JobQueue, SlotWaiters
 from node.market.receipts import quote_request, receipt_problem
@@ -153,7 +154,8 @@ class JobManager:
         self.busy_patience_s = busy_patience_s
         self.queue = JobQueue(max_unfinished=max_unfinished, max_active=max_active)
         self._nursery: trio.Nursery | None = None
-        self._scopes: dict[str, trio.CancelScope] = {}
+        self._scopes: dict[str, trio.CancelScope] = {}  # the task of each unfinished job
+        self._cancelling: set[str] = set()  # jobs the user cancelled whose task has not ended yet
         self._changed: dict[str, trio.Event] = {}
         self._slot_waiters = SlotWaiters()  # jobs waiting for a busy provider; each run of ours that ends wakes one
         # Providers one of this node's jobs is negotiating with right now: another job of ours leaves them alone
@@ -181,13 +183,7 @@ class JobManager:
                         self.store.end_attempt(row.job_id, attempt.attempt, outcome="failed", now_ms=now,
                                                role="provider", reason="this node restarted")  # fmt: skip
             for row in self.store.unfinished_jobs("client"):
-                paid = self.store.get_receipt(row.job_id)  # the run that ended in it finished (see _exchange)
-                for attempt in self.store.attempts(row.job_id):
-                    if attempt.ended_ms is None:
-                        done = paid is not None and attempt.provider == paid.provider
-                        outcome, why = ("completed", "its receipt was stored") if done else ("interrupted", None)
-                        self.store.end_attempt(row.job_id, attempt.attempt, outcome=outcome, now_ms=now,
-                                               reason=why or "this node restarted during the attempt")  # fmt: skip
+                self._end_open_attempts(row.job_id, "interrupted", "this node restarted during the attempt")
                 self.store.update_job(row.job_id, "client", now_ms=now, state="queued",
                                       error="resumed after this node restarted")  # fmt: skip
                 self.queue.admit(row.job_id, resumed=True)
@@ -204,10 +200,7 @@ class JobManager:
     def _set(self, job_id: str, **fields: Any) -> None:
         current = self.store.get_job(job_id, "client")
         if current is not None and current.state in TERMINAL:
-            # An ended job stays ended. The user's cancel ends it at once, but the job's task runs on until its next
-            # checkpoint, and a library on the way may swallow the cancellation (a dial that fails instead), so
-            # that task may still try to mark the job "queued"; it must not bring a cancelled job back.
-            return
+            return  # an ended job stays ended
         row = self.store.update_job(job_id, "client", now_ms=self.clock_ms(), **fields)
         if self.on_job_ended is not None and row.state in TERMINAL:
             self.on_job_ended(row)
@@ -256,19 +249,22 @@ class JobManager:
     async def changed(self, job_id: str) -> None:
         await self._changed.setdefault(job_id, trio.Event()).wait()
 
-    def cancel(self, job_id: str) -> bool:
+    async def cancel(self, job_id: str) -> bool:
+        """Stop a job this node submitted and wait for its task to set the final state; True if it is cancelled,
+        False if it had ended already or its run is paid for (receipt stored, see _exchange): it ends completed."""
         row = self.store.get_job(job_id, "client")
-        if row is None or row.state in TERMINAL:
-            return False
-        if self.store.get_receipt(job_id) is not None:
-            # Too late: the run ended and is paid for (receipt written ahead, see _exchange); cancelling now left a
-            # "cancelled" job with a receipt and a ledger entry (test_faults' thousand jobs).
+        if row is None or row.state in TERMINAL or self.store.get_receipt(job_id) is not None:
             return False
         scope = self._scopes.get(job_id)
-        if scope is not None:
+        if scope is None:  # no task to stop (never the case for a job this process started)
+            self._set(job_id, state="cancelled", error="cancelled by the user")
+        else:
+            self._cancelling.add(job_id)
             scope.cancel()
-        self._set(job_id, state="cancelled", error="cancelled by the user")
-        return True
+            while job_id in self._scopes:
+                await self.changed(job_id)
+        row = self.store.get_job(job_id, "client")
+        return row is not None and row.state == "cancelled"
 
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
@@ -292,11 +288,27 @@ class JobManager:
                 self._set(job_id, state="failed", error=f"internal error: {type(exc).__name__}: {exc}")
         self._scopes.pop(job_id, None)
         self.queue.done(job_id)
-        if scope.cancelled_caught:  # cancelled by the user (a shutdown never gets here): close what was running
-            for attempt in self.store.attempts(job_id):
-                if attempt.ended_ms is None:
-                    self.store.end_attempt(job_id, attempt.attempt, outcome="cancelled", now_ms=self.clock_ms(),
-                                           reason="cancelled by the user")  # fmt: skip
+        if job_id in self._cancelling:  # the user's cancel (a shutdown never gets here): end what was running
+            self._cancelling.discard(job_id)
+            if self._end_open_attempts(job_id, "cancelled", "cancelled by the user"):
+                # The cancel came after the receipt arrived, before it was stored (the woken task stores it, then
+                # stops at its next checkpoint): the run is paid for and its provider has our signature (_exchange).
+                result = dict(self.store.get_job(job_id, "client").result or {}, verification="unverified: cancelled")  # type: ignore[union-attr]
+                self._set(job_id, state="completed", error=None, result=result)
+            else:
+                self._set(job_id, state="cancelled", error="cancelled by the user")
+        self._changed.pop(job_id, trio.Event()).set()  # cancel() waits for this task's end
+
+    def _end_open_attempts(self, job_id: str, outcome: str, reason: str) -> bool:
+        """End the open attempts, the paid one (see _exchange) as completed; True if the job has a receipt."""
+        paid = self.store.get_receipt(job_id)
+        for attempt in self.store.attempts(job_id):
+            if attempt.ended_ms is not None:
+                continue
+            done = paid is not None and attempt.provider == paid.provider
+            how, why = ("completed", "its receipt was stored") if done else (outcome, reason)
+            self.store.end_attempt(job_id, attempt.attempt, outcome=how, now_ms=self.clock_ms(), reason=why)
+        return paid is not None
 
     async def _attempts(self, job_id: str) -> None:
         row = self.store.get_job(job_id, "client")
@@ -409,7 +421,7 @@ class JobManager:
             assert self._nursery is not None
             mine, theirs = loopback_pair(peer_id)
             handler = self.provider.rpc_negotiate if protocol == NEGOTIATE_PROTOCOL_ID else self.provider.rpc_job
-            self._nursery.start_soon(_serve_loopback, handler, theirs)
+            self._nursery.start_soon(wire.serve_loopback, handler, theirs)
             return mine
         try:
             return StreamChannel(await self.host.open_stream(peer_id, protocol))
@@ -527,7 +539,7 @@ class JobManager:
                     actions = machine.receive(message, self.clock_ms())
         except (trio.TooSlowError, ChannelClosed, RemoteProtocolError) as exc:
             log.info("negotiation with %s failed: %r", provider, exc)
-            await _abort(channel)
+            await wire.abort_quietly(channel)
             return RejectCode.TIMEOUT
 
     async def _close_deal(self, p: _Pending) -> Agreement | RejectCode:
@@ -543,7 +555,7 @@ class JobManager:
         except (trio.TooSlowError, ChannelClosed, RemoteProtocolError) as exc:
             log.info("closing the deal with %s failed: %r", p.provider, exc)
         finally:
-            await _abort(p.channel)
+            await wire.abort_quietly(p.channel)
         outcome = p.machine.outcome
         if isinstance(outcome, Completed):
             return outcome.agreement
@@ -556,7 +568,7 @@ class JobManager:
                     await self.messenger.send(p.channel, action.message)
         except ChannelClosed:
             pass
-        await _abort(p.channel)
+        await wire.abort_quietly(p.channel)
 
     # ------------------------------------------------------------------------------------------- transfer
 
@@ -582,19 +594,19 @@ class JobManager:
         try:
             outcome = await self._exchange(channel, spec, agreement, job_dir)
         except AttemptFailed:
-            await _abort(channel)
+            await wire.abort_quietly(channel)
             raise
         except (ChannelClosed, net.NetError) as exc:
-            await _abort(channel)
+            await wire.abort_quietly(channel)
             raise AttemptFailed(f"the provider went away ({exc})") from exc
         except trio.TooSlowError as exc:
-            await _abort(channel)
+            await wire.abort_quietly(channel)
             raise AttemptFailed("the provider stalled (no heartbeat)") from exc
         except RemoteProtocolError as exc:
-            await _abort(channel)
+            await wire.abort_quietly(channel)
             raise AttemptFailed(f"the provider broke the protocol: {exc.code}: {exc}") from exc
         except BaseException:
-            await _abort(channel)
+            await wire.abort_quietly(channel)
             raise
         finally:
             self._running_on[provider] -= 1
@@ -676,25 +688,13 @@ class JobManager:
         if spec.job_id == base_job_id(spec.job_id):
             self.store.update_job(spec.job_id, "client", now_ms=self.clock_ms(), **outcome)
         self.store.put_receipt(signed)
-        try:
-            await m.send(channel, signed)
-        except (ChannelClosed, net.NetError) as exc:  # the run is done and paid for here; the provider went away
-            log.info("job %s: the provider went away before our receipt signature reached it: %r", spec.job_id, exc)
+        with trio.move_on_after(STALL_TIMEOUT_S) as sending:
+            sending.shield = True  # paid for: a cancel from now on must not keep our signature from the provider
+            try:
+                await m.send(channel, signed)
+            except (ChannelClosed, net.NetError) as exc:  # the run is done and paid for here; the provider went away
+                log.warning("job %s: the provider went away before our receipt signature reached it: %r",
+                            spec.job_id, exc)  # fmt: skip
+        if sending.cancelled_caught:
+            log.warning("job %s: our receipt signature did not reach the provider in time", spec.job_id)
         return outcome
-
-
-async def _abort(channel: FrameChannel) -> None:
-    with trio.move_on_after(1) as scope:
-        scope.shield = True
-        await channel.abort()
-
-
-async def _serve_loopback(handler: Callable[[FrameChannel], Awaitable[None]], channel: FrameChannel) -> None:
-    try:
-        await handler(channel)
-    except (RemoteProtocolError, ChannelClosed, trio.TooSlowError) as exc:
-        log.debug("loopback %s ended: %r", handler.__name__, exc)
-    except Exception:  # a handler bug ends this stream, as it would a network one, never the node
-        log.exception("loopback %s failed", handler.__name__)
-    finally:
-        await channel.aclose()

@@ -10,8 +10,9 @@ Anything wrong raises a :class:`~protocol.errors.RemoteProtocolError` subclass.
 
 from __future__ import annotations
 
+import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 import trio
@@ -19,8 +20,10 @@ import trio
 from node import net
 from protocol import codec
 from protocol.envelope import DEFAULT_MAX_SKEW_MS, Envelope, NonceCache, open_envelope, seal
-from protocol.errors import WrongSigner
+from protocol.errors import RemoteProtocolError, WrongSigner
 from protocol.identity import Identity
+
+log = logging.getLogger(__name__)
 
 MESSAGE_TTL_MS: Final = 60_000
 MAX_FRAME_BYTES: Final = Envelope.MAX_BYTES
@@ -105,6 +108,25 @@ def loopback_pair(peer_id: str) -> tuple[MemoryChannel, MemoryChannel]:
     a_send, b_receive = trio.open_memory_channel[bytes](LOOPBACK_BUFFER)
     b_send, a_receive = trio.open_memory_channel[bytes](LOOPBACK_BUFFER)
     return MemoryChannel(peer_id, a_send, a_receive), MemoryChannel(peer_id, b_send, b_receive)
+
+
+async def abort_quietly(channel: FrameChannel) -> None:
+    """Reset ``channel``, even inside a cancelled scope, giving it at most a second."""
+    with trio.move_on_after(1) as scope:
+        scope.shield = True
+        await channel.abort()
+
+
+async def serve_loopback(handler: Callable[[FrameChannel], Awaitable[None]], channel: FrameChannel) -> None:
+    """Run a protocol handler on one end of a :func:`loopback_pair`, as the host runs it on a network stream."""
+    try:
+        await handler(channel)
+    except (RemoteProtocolError, ChannelClosed, trio.TooSlowError) as exc:
+        log.debug("loopback %s ended: %r", handler.__name__, exc)
+    except Exception:  # a handler bug ends this stream, as it would a network one, never the node
+        log.exception("loopback %s failed", handler.__name__)
+    finally:
+        await channel.aclose()
 
 
 class Messenger:
