@@ -46,6 +46,7 @@ from node.finder import Finder, FindStages, serve_ad
 from node.lan import LanJoiner
 from node.market.jobs import JobManager
 from node.market.provider import ProviderService
+from node.market.settle import answer_receipt_query
 from node.market.wire import ChannelClosed, FrameChannel, Messenger, StreamChannel
 from node.metrics import NodeMetrics
 from node.net.liveness import PeerKeeper, keep_peers
@@ -62,7 +63,7 @@ from protocol import codec
 from protocol.envelope import seal
 from protocol.errors import RemoteProtocolError
 from protocol.identity import Identity
-from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID
+from protocol.market import JOB_PROTOCOL_ID, NEGOTIATE_PROTOCOL_ID, RECEIPT_PROTOCOL_ID
 from protocol.messages import CapacityAd, GpuSpec, Outcome, Receipt, Runtime
 from protocol.records import AD_PROTOCOL_ID, CAP_PREFIX, cap_key, select_ad_record, validate_ad_record
 from protocol.reputation import REPUTATION_TOPIC, SYNC_PROTOCOL_ID
@@ -453,10 +454,12 @@ async def _serve(
         node.jobs.on_job_ended = lambda row: metrics.observe_job(row.state, row.created_ms, row.updated_ms)
         if provider is not None:
             provider.on_receipt = partial(_rate_client, reputation)
+            provider.open_channel = partial(_open_channel, host)
             host.set_stream_handler(NEGOTIATE_PROTOCOL_ID, _handler(provider.rpc_negotiate))
             host.set_stream_handler(JOB_PROTOCOL_ID, _handler(provider.rpc_job))
             host.set_stream_handler(AD_PROTOCOL_ID, _handler(partial(serve_ad, node.ad_record)))
         host.set_stream_handler(SYNC_PROTOCOL_ID, _handler(reputation.rpc_sync))
+        host.set_stream_handler(RECEIPT_PROTOCOL_ID, _handler(partial(answer_receipt_query, messenger, store)))
         node.say(f"peer id {identity.peer_id}")
         for addr in node.addrs():
             node.say(f"listening on {addr}")
@@ -534,6 +537,10 @@ async def _make_provider(
     return ProviderService(identity=identity, messenger=messenger, store=store, executor=executor,
                            work_root=work_root, price_sheet=config.price_sheet, capacity=node.capacity_tuple,
                            max_concurrent=config.max_jobs, clock_ms=wall_clock_ms, runtimes=runtimes)  # fmt: skip
+
+
+async def _open_channel(host: net.NetHost, peer_id: str, protocol: str) -> FrameChannel:
+    return StreamChannel(await host.open_stream(peer_id, protocol))
 
 
 def _handler(rpc: Callable[[FrameChannel], Any]) -> Callable[[net.NetStream], Any]:

@@ -163,3 +163,4 @@ def resource_class(request: QuoteRequest) -> str:
 
 NEGOTIATE_PROTOCOL_ID: Final = "/coop/negotiate/1.0.0"
 JOB_PROTOCOL_ID: Final = "/coop/job/1.0.0"
+RECEIPT_PROTOCOL_ID: Final = "/coop/receipt/1.0.0"

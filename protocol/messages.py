@@ -123,6 +123,7 @@ class RejectCode(enum.StrEnum):
     INTERNAL = "internal"
     PREEMPTED = "preempted"  # the provider's owner took the machine back mid-job: retry elsewhere
     NO_RUNTIME = "no-runtime"
+    NO_RECEIPT = "no-receipt"  # /coop/receipt/1.0.0: this node holds no countersigned receipt of yours for that job
 
 
 class Termination(enum.StrEnum):
@@ -556,6 +557,23 @@ class Receipt:
         _uint(self.issued_at, "issued_at")
         _signature(self.client_signature, "client_signature")
         _signature(self.provider_signature, "provider_signature")
+
+
+@final
+@register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiptQuery:
+    """A provider asks a client for the countersigned receipt of a run whose job stream broke before the client's
+    signature arrived (``/coop/receipt/1.0.0``). A bare frame: the stream authenticates the asker, and the client
+    only ever answers with a receipt naming that asker as the provider."""
+
+    TYPE: ClassVar[str] = "receipt-query"
+    MAX_BYTES: ClassVar[int] = 256
+
+    job_id: str
+
+    def __post_init__(self) -> None:
+        _job_id(self.job_id)
 
 
 @final

@@ -24,6 +24,7 @@ from protocol.messages import (
     Quote,
     QuoteRequest,
     Receipt,
+    ReceiptQuery,
     Reject,
     RejectCode,
     ReputationRecord,
@@ -144,4 +145,5 @@ def all_messages() -> list[object]:
         ),
         Chunk(job_id="job-1", kind=ChunkKind.STDOUT, data=b"42\n"),
         JobAccepted(job_id="job-1", provider=BOB.peer_id),
+        ReceiptQuery(job_id="job-1"),
     ]

@@ -11,6 +11,7 @@ import itertools
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ import trio
 from hypothesis import HealthCheck, settings
 
 from node.market.provider import ProviderService
+from node.market.settle import answer_receipt_query
 from node.market.wire import LOOPBACK_BUFFER, MAX_FRAME_BYTES, ChannelClosed, MemoryChannel, Messenger
 from node.reputation.records import RecordStore
 from node.reputation.service import ReputationService
@@ -135,6 +137,7 @@ class World:
             "negotiate": self.provider.rpc_negotiate,
             "job": self.provider.rpc_job,
             "sync": self.reputation.rpc_sync,
+            "receipt": partial(answer_receipt_query, self.provider.messenger, self.store),
         }[name]
 
     def check(self) -> None:

@@ -49,6 +49,7 @@ from protocol.messages import (
     Quote,
     QuoteRequest,
     Receipt,
+    ReceiptQuery,
     Reject,
     RejectCode,
     Resources,
@@ -90,22 +91,25 @@ def first_frame(name: str) -> bytes:
         return sealed(
             CLIENT, JobSpec(job_id="first-frame", client=CLIENT.peer_id, agreement_hash=b"\x01" * 32, command=("true",))
         )
+    if name == "receipt":
+        return codec.encode(ReceiptQuery(job_id="first-frame"))
     return codec.encode(SyncRequest(since=0))
 
 
 @FUZZ
 @given(
-    name=st.sampled_from(["negotiate", "job", "sync"]), frames=st.lists(st.binary(max_size=512), min_size=1, max_size=4)
+    name=st.sampled_from(["negotiate", "job", "sync", "receipt"]),
+    frames=st.lists(st.binary(max_size=512), min_size=1, max_size=4),
 )
 async def test_random_frames_are_refused(world, autojump_clock, name, frames):
     result = await exchange(world.handler(name), frames)
-    if not decodes_as(frames[0], (SyncRequest,)):  # random bytes never carry a valid signature
+    if not decodes_as(frames[0], (SyncRequest, ReceiptQuery)):  # random bytes never carry a valid signature
         refused(result)
     world.check()
 
 
 @FUZZ
-@given(name=st.sampled_from(["negotiate", "job", "sync"]), data=st.data())
+@given(name=st.sampled_from(["negotiate", "job", "sync", "receipt"]), data=st.data())
 async def test_mutated_valid_frames_are_refused_or_equal(world, autojump_clock, name, data):
     frame = bytearray(first_frame(name))
     original = codec.decode(bytes(frame))
@@ -115,13 +119,13 @@ async def test_mutated_valid_frames_are_refused_or_equal(world, autojump_clock, 
     # msgpack has several encodings of one value (uint64 vs int64): such a mutation is the same message; and a
     # mutated (unsigned) sync request may well be another valid one.
     with contextlib.suppress(RemoteProtocolError):
-        if codec.decode(bytes(frame)) == original or name == "sync":
-            codec.decode(bytes(frame), SyncRequest if name == "sync" else Envelope)
+        if codec.decode(bytes(frame)) == original or name in ("sync", "receipt"):
+            codec.decode(bytes(frame), {"sync": SyncRequest, "receipt": ReceiptQuery}.get(name, Envelope))
             return
     refused(result)
 
 
-@pytest.mark.parametrize("name", ["negotiate", "job", "sync"])
+@pytest.mark.parametrize("name", ["negotiate", "job", "sync", "receipt"])
 async def test_every_truncation_of_a_valid_frame_is_refused(world, autojump_clock, name):
     frame = first_frame(name)
     codes = Tally()
@@ -147,9 +151,10 @@ def wrong_types() -> list[tuple[str, bytes]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["negotiate", "job", "sync"])
+@pytest.mark.parametrize("name", ["negotiate", "job", "sync", "receipt"])
 async def test_valid_frames_of_the_wrong_type_are_refused(world, autojump_clock, name):
-    expected = {"negotiate": NEGOTIATE_TYPES, "job": (JobSpec,), "sync": (SyncRequest,)}[name]
+    opening = {"negotiate": NEGOTIATE_TYPES, "job": (JobSpec,), "sync": (SyncRequest,), "receipt": (ReceiptQuery,)}
+    expected = opening[name]
     for type_name, frame in wrong_types():
         if any(type_name == t.TYPE for t in expected):
             continue
@@ -158,7 +163,7 @@ async def test_valid_frames_of_the_wrong_type_are_refused(world, autojump_clock,
     world.check()
 
 
-@pytest.mark.parametrize("name", ["negotiate", "job", "sync"])
+@pytest.mark.parametrize("name", ["negotiate", "job", "sync", "receipt"])
 async def test_oversized_frames_are_refused(world, autojump_clock, name):
     frames = [b"\x93\x01" + b"\x00" * (MAX_FRAME_BYTES + 1)]  # over the channel's cap
     # under the channel's cap but over the cap of the type the (validly signed) frame names
@@ -167,6 +172,8 @@ async def test_oversized_frames_are_refused(world, autojump_clock, name):
     elif name == "job":
         spec = JobSpec(job_id="big", client=CLIENT.peer_id, agreement_hash=bytes(32), command=("true",))
         frames.append(signed_around(CLIENT, codec.encode(spec) + bytes(257 << 10), domain_of(JobSpec)))
+    elif name == "receipt":
+        frames.append(codec.encode(ReceiptQuery(job_id="big")) + bytes(300))
     else:
         frames.append(codec.encode(SyncRequest(since=0)) + bytes(300))
     for frame in frames:

@@ -18,7 +18,9 @@ Job transfer, in order on one stream::
     client <- Receipt (provider-signed)    cost from the agreed price sheet, capped at the agreed maximum
     client -> Receipt (both signatures) | Reject
 
-If the client goes away at any point, the job is killed and no receipt exists. Every refusal is a signed
+If the client goes away before the result, the job is killed and no receipt exists. If the stream breaks after
+the provider's receipt went out, the client may hold it countersigned (it stores it before sending it back), so
+the provider asks for it over ``/coop/receipt/1.0.0`` (node/market/settle.py). Every refusal is a signed
 Reject with a code; garbage from the peer raises RemoteProtocolError and the stream is dropped.
 """
 
@@ -34,6 +36,7 @@ from typing import Final
 
 import trio
 
+from node.market.settle import OpenChannel, fetch_receipt
 from node.market.transfer import DigestMismatch, receive_file, send_file
 from node.market.wire import ChannelClosed, FrameChannel, Messenger
 from node.runtimes import ResolvedRuntime
@@ -95,6 +98,7 @@ class ProviderService:
         blocked: frozenset[str] = frozenset(),
         on_receipt: Callable[[Receipt], Awaitable[None]] | None = None,
         runtimes: Sequence[ResolvedRuntime] = (),
+        open_channel: OpenChannel | None = None,
     ) -> None:
         self.identity = identity
         self.messenger = messenger
@@ -107,11 +111,13 @@ class ProviderService:
         self.clock_ms = clock_ms
         self.blocked = blocked
         self.on_receipt = on_receipt  # rates the client once the receipt is signed by both
+        self.open_channel = open_channel  # to ask a client for a countersignature that never came (settle.py)
         self.runtimes = {r.name: r for r in runtimes if r.usable}  # offered runtimes (node.runtimes)
         self.running: dict[str, trio.CancelScope] = {}
         self._reserved: dict[bytes, float] = {}
         self._superseded: set[str] = set()  # runs stopped because their client sent the job again
         self._done: dict[str, trio.Event] = {}  # set when a job's run here has ended and been recorded
+        self._settling: dict[str, trio.CancelScope] = {}  # runs whose countersignature we are asking for
         self._starting: set[str] = set()  # agreed jobs between their JobSpec and their start (they hold a slot)
         self.quotes_sent = 0
         self.rejects_sent = 0
@@ -276,6 +282,14 @@ class ProviderService:
         if spec.job_id in self.running and not await self._replace_stale_run(spec):
             await self._refuse(channel, spec.job_id, RejectCode.BUSY, "that job is already running here")
             return
+        settling = self._settling.get(spec.job_id)
+        if settling is not None:
+            # A run of this job ended here and we are asking its client for the countersignature; the client sent
+            # the job again, so it holds no receipt for that run (it would finish from its store instead). Record
+            # that run as failed before this one starts, so the two never write the job's row at once.
+            settling.cancel()
+            with trio.move_on_after(STEP_TIMEOUT_S):
+                await self._done[spec.job_id].wait()
         done = self._done[spec.job_id] = trio.Event()
         job_dir = self.work_root / f"{spec.job_id}-{secrets.token_hex(4)}"
         job_dir.mkdir(parents=True)
@@ -465,6 +479,7 @@ class ProviderService:
             stdout_sha256=hashlib.sha256(result.stdout).digest(),
             stderr_sha256=hashlib.sha256(result.stderr).digest(),
         )
+        ours: Receipt | None = None
         try:
             await self.messenger.send(channel, job_result)
             for ref in outputs:
@@ -485,10 +500,21 @@ class ProviderService:
             with trio.fail_after(RECEIPT_WAIT_S):
                 answer = await self.messenger.receive(channel, (Receipt, Reject))
         except (ChannelClosed, trio.TooSlowError) as exc:
-            log.warning("job %s: no countersigned receipt from the client: %r", spec.job_id, exc)
-            self.store.update_job(spec.job_id, "provider", now_ms=self.clock_ms(), state="failed",
-                                  error="the client went away before signing the receipt")  # fmt: skip
-            return
+            # The client may hold the countersigned receipt (it stores it before sending it): ask for it.
+            late = None
+            if ours is not None and self.open_channel is not None:
+                log.info("job %s: no countersignature on the job stream (%r); asking the client", spec.job_id, exc)
+                try:
+                    with trio.CancelScope() as self._settling[spec.job_id]:  # _start_job cancels it: see there
+                        late = await fetch_receipt(self.messenger, self.open_channel, ours)
+                finally:
+                    del self._settling[spec.job_id]
+            if late is None:
+                log.warning("job %s: no countersigned receipt from the client: %r", spec.job_id, exc)
+                self.store.update_job(spec.job_id, "provider", now_ms=self.clock_ms(), state="failed",
+                                      error="the client went away before signing the receipt")  # fmt: skip
+                return
+            answer = late
         state, error = "completed", None
         if isinstance(answer, Reject):
             state, error = "failed", f"the client refused the result: {answer.code.value}: {answer.message}"
