@@ -38,7 +38,7 @@ import trio
 
 from node.market.settle import OpenChannel, fetch_receipt
 from node.market.transfer import DigestMismatch, receive_file, send_file
-from node.market.wire import ChannelClosed, FrameChannel, Messenger
+from node.market.wire import ChannelClosed, FrameChannel, Messenger, abort_quietly
 from node.runtimes import ResolvedRuntime
 from node.sandbox.errors import AdmissionRefused, SandboxUnavailable, WorkDirError
 from node.sandbox.executor import Executor
@@ -504,6 +504,9 @@ class ProviderService:
             late = None
             if ours is not None and self.open_channel is not None:
                 log.info("job %s: no countersignature on the job stream (%r); asking the client", spec.job_id, exc)
+                # Reset the job stream first: a client that has not read our receipt yet never will, so a client
+                # without the receipt now will never hold it, and "no receipt" is a final answer.
+                await abort_quietly(channel)
                 try:
                     with trio.CancelScope() as self._settling[spec.job_id]:  # _start_job cancels it: see there
                         late = await fetch_receipt(self.messenger, self.open_channel, ours)

@@ -10,9 +10,10 @@ disagree.
 
 So the provider asks: it opens ``/coop/receipt/1.0.0`` to the client and sends ``ReceiptQuery(job_id)``; the
 client answers with the countersigned ``Receipt`` if it holds one naming the asker as the provider, else a signed
-``Reject(no-receipt)``. A no-receipt answer is final: the client stores the receipt before its signature leaves,
-so by the time the provider notices the broken stream and asks, a receipt the client will ever hold is stored.
-An unreachable or silent client (restarting) is asked again, after 1, 2, 4, 8, 15 and 30 s.
+``Reject(no-receipt)``. A no-receipt answer is final: the provider resets the job stream before it asks, so a
+client that has not read the provider's receipt by then never will, and one that has read it stored it at once
+(before its signature leaves). An unreachable or silent client (restarting) is asked again, after 1, 2, 4, 8, 15
+and 30 s.
 
 The provider takes only the receipt it signed itself, countersigned by that client (both signatures checked),
 so a client cannot make it store anything else; the client hands a receipt only to its own provider.
