@@ -13,11 +13,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import HealthCheck, settings
 
+from node.market.jobs import TERMINAL, JobManager
 from node.market.provider import ProviderService
 from node.market.settle import answer_receipt_query
 from node.market.wire import LOOPBACK_BUFFER, MAX_FRAME_BYTES, ChannelClosed, MemoryChannel, Messenger
@@ -26,7 +29,7 @@ from node.reputation.service import ReputationService
 from node.sandbox.spec import ExecResult, OutputFile, Tier
 from node.sandbox.spec import Termination as SandboxTermination
 from node.sandbox.spec import Usage as SandboxUsage
-from node.store import Store
+from node.store import JobRow, Store
 from protocol import codec, envelope
 from protocol.cosign import sign_as, terms_hash
 from protocol.envelope import Envelope, seal
@@ -367,3 +370,36 @@ def bundle(
         time=now if time is None else time,
     )
     return make_bundle(rater, record, receipt)
+
+
+def one_node_market(tmp_path: Path, store: Store, provider_store: Store) -> JobManager:
+    """A node that provides and runs its own jobs over loopback channels: the real JobManager (client side, on
+    ``store``, replicas off) and ProviderService (as PROVIDER, on ``provider_store``, with the fake executor)."""
+    (tmp_path / "work").mkdir(exist_ok=True)
+    (tmp_path / "jobs").mkdir(exist_ok=True)
+    provider = ProviderService(
+        identity=PROVIDER,
+        messenger=Messenger(PROVIDER, wall_ms),
+        store=provider_store,
+        executor=FakeExecutor(),  # type: ignore[arg-type]
+        work_root=tmp_path / "work",
+        price_sheet=FLOOR,
+        capacity=lambda: (8, 16 << 30, 100 << 30, ()),
+        max_concurrent=4,
+        clock_ms=wall_ms,
+    )
+
+    async def find_providers(req: dict[str, Any]) -> list[str]:
+        return [PROVIDER.peer_id]
+
+    return JobManager(identity=PROVIDER, messenger=Messenger(PROVIDER, wall_ms), store=store, host=None,  # type: ignore[arg-type]
+                      find_providers=find_providers, provider=provider, jobs_dir=tmp_path / "jobs",
+                      clock_ms=wall_ms, replicas=1)  # fmt: skip
+
+
+async def run_to_the_end(manager: JobManager, job_id: str) -> JobRow:
+    """Wait until the job has ended and every task (the provider's side too) is blocked; the job's final row."""
+    while (row := manager.store.get_job(job_id, "client")) is None or row.state not in TERMINAL:
+        await manager.changed(job_id)
+    await trio.testing.wait_all_tasks_blocked()
+    return row

@@ -9,22 +9,21 @@ next checkpoint ends it. Seen in CI: four cancelled jobs left "queued" for good 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import trio
 import trio.testing
 
 from node import net
-from node.market.jobs import TERMINAL, JobManager
-from node.market.provider import ProviderService
+from node.market.jobs import JobManager
 from node.market.requests import SubmitRequest
-from node.market.wire import MemoryChannel, Messenger, loopback_pair
+from node.market.wire import MemoryChannel, loopback_pair
 from node.store import Store
 from protocol import codec
 from protocol.identity import Identity
 from protocol.messages import Receipt
-from tests.fuzz_world import FLOOR, FakeExecutor, wall_ms
-from tests.fuzz_world import PROVIDER as PROVIDER_ID
+from tests.fuzz_world import one_node_market, run_to_the_end
 from tests.test_store import signed_receipt
 
 PROVIDER = Identity.generate().peer_id
@@ -43,17 +42,22 @@ class SwallowingHost:
         raise net.NetError("the dial was abandoned")
 
 
-async def test_a_job_cancelled_while_its_task_swallows_the_cancel_stays_cancelled(tmp_path) -> None:
-    host = SwallowingHost()
+def swallowing_manager(tmp_path: Path, store: Store, host: SwallowingHost) -> JobManager:
+    """A client-only JobManager whose one candidate provider is dialled through ``host``."""
 
     async def find_providers(req: dict[str, Any]) -> list[str]:
         return [PROVIDER]
 
+    (tmp_path / "jobs").mkdir()
+    return JobManager(identity=Identity.generate(), messenger=None, store=store, host=host,  # type: ignore[arg-type]
+                      find_providers=find_providers, provider=None, jobs_dir=tmp_path / "jobs",
+                      clock_ms=lambda: 1_780_000_000_000)  # fmt: skip
+
+
+async def test_a_job_cancelled_while_its_task_swallows_the_cancel_stays_cancelled(tmp_path) -> None:
+    host = SwallowingHost()
     with trio.fail_after(10), Store.open(tmp_path / "coop.db") as store:
-        manager = JobManager(identity=Identity.generate(), messenger=None, store=store, host=host,  # type: ignore[arg-type]
-                             find_providers=find_providers, provider=None, jobs_dir=tmp_path / "jobs",
-                             clock_ms=lambda: 1_780_000_000_000)  # fmt: skip
-        (tmp_path / "jobs").mkdir()
+        manager = swallowing_manager(tmp_path, store, host)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.serve)
             job_id = await manager.submit(SubmitRequest(command=("true",)))
@@ -71,15 +75,8 @@ async def test_a_job_whose_receipt_is_stored_is_past_cancelling(tmp_path) -> Non
     """The receipt is stored before our signature goes back to the provider (write ahead); a cancel in that send
     used to leave a "cancelled" job holding a receipt and a ledger entry."""
     host = SwallowingHost()
-
-    async def find_providers(req: dict[str, Any]) -> list[str]:
-        return [PROVIDER]
-
     with trio.fail_after(10), Store.open(tmp_path / "coop.db") as store:
-        manager = JobManager(identity=Identity.generate(), messenger=None, store=store, host=host,  # type: ignore[arg-type]
-                             find_providers=find_providers, provider=None, jobs_dir=tmp_path / "jobs",
-                             clock_ms=lambda: 1_780_000_000_000)  # fmt: skip
-        (tmp_path / "jobs").mkdir()
+        manager = swallowing_manager(tmp_path, store, host)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.serve)
             job_id = await manager.submit(SubmitRequest(command=("true",)))
@@ -132,33 +129,12 @@ async def test_a_cancel_between_the_receipt_arriving_and_its_storing_completes_t
         return CancellingOnReceipt(mine), theirs
 
     monkeypatch.setattr("node.market.jobs.loopback_pair", pair)
-    (tmp_path / "work").mkdir()
-    (tmp_path / "jobs").mkdir()
     with trio.fail_after(60), Store.open(tmp_path / "client.db") as store, Store.open(tmp_path / "p.db") as theirs:
-        provider = ProviderService(
-            identity=PROVIDER_ID,
-            messenger=Messenger(PROVIDER_ID, wall_ms),
-            store=theirs,
-            executor=FakeExecutor(),  # type: ignore[arg-type]
-            work_root=tmp_path / "work",
-            price_sheet=FLOOR,
-            capacity=lambda: (8, 16 << 30, 100 << 30, ()),
-            max_concurrent=4,
-            clock_ms=wall_ms,
-        )
-
-        async def find_providers(req: dict[str, Any]) -> list[str]:
-            return [PROVIDER_ID.peer_id]
-
-        manager = JobManager(identity=PROVIDER_ID, messenger=Messenger(PROVIDER_ID, wall_ms), store=store, host=None,  # type: ignore[arg-type]
-                             find_providers=find_providers, provider=provider, jobs_dir=tmp_path / "jobs",
-                             clock_ms=wall_ms, replicas=1)  # fmt: skip
+        manager = one_node_market(tmp_path, store, theirs)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.serve)
             job_id = await manager.submit(SubmitRequest(command=("echo", "42")))
-            while (row := store.get_job(job_id, "client")) is None or row.state not in TERMINAL:
-                await manager.changed(job_id)
-            await trio.testing.wait_all_tasks_blocked()  # the provider's side has ended too
+            row = await run_to_the_end(manager, job_id)
             nursery.cancel_scope.cancel()
         assert cancelled == [False]  # too late: the run was paid for
         assert (row.state, row.error) == ("completed", None), row

@@ -22,8 +22,6 @@ import trio.testing
 
 from node import net
 from node.daemon import wall_clock_ms
-from node.market.jobs import TERMINAL, JobManager
-from node.market.provider import ProviderService
 from node.market.requests import SubmitRequest
 from node.market.settle import answer_receipt_query, fetch_receipt
 from node.market.wire import FrameChannel, MemoryChannel, Messenger, StreamChannel, loopback_pair, serve_loopback
@@ -33,8 +31,7 @@ from protocol.cosign import sign_as, terms_hash
 from protocol.identity import Identity
 from protocol.market import RECEIPT_PROTOCOL_ID
 from protocol.messages import Chunk, JobAccepted, JobResult, Receipt, ReceiptQuery, Reject
-from tests.fuzz_world import FLOOR, FakeExecutor, channel_pair, honest_job, honest_negotiation, job_spec, wall_ms
-from tests.fuzz_world import PROVIDER as PROVIDER_ID
+from tests.fuzz_world import channel_pair, honest_job, honest_negotiation, job_spec, one_node_market, run_to_the_end
 from tests.test_store import signed_receipt
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -168,7 +165,6 @@ async def test_a_countersignature_lost_with_the_stream_is_fetched_and_both_ledge
     ProviderService), and the channel breaks as the client's countersignature is sent. The client keeps its
     receipt (stored first); the provider asks for it over /coop/receipt/1.0.0 and ends completed with the same
     receipt, where it used to end "failed: the client went away before signing the receipt" with none."""
-    me = PROVIDER_ID
 
     class BreaksAtTheCountersignature:
         def __init__(self, inner: MemoryChannel) -> None:
@@ -189,43 +185,22 @@ async def test_a_countersignature_lost_with_the_stream_is_fetched_and_both_ledge
         return BreaksAtTheCountersignature(mine), theirs
 
     monkeypatch.setattr("node.market.jobs.loopback_pair", pair)
-    (tmp_path / "work").mkdir()
-    (tmp_path / "jobs").mkdir()
     asked: list[str] = []
     with trio.fail_after(120), Store.open(tmp_path / "c.db") as store, Store.open(tmp_path / "p.db") as theirs:
-        client_messenger = Messenger(me, wall_ms)
+        manager = one_node_market(tmp_path, store, theirs)
 
         async def open_channel(peer_id: str, protocol: str) -> FrameChannel:
             asked.append(protocol)
             mine, other_end = loopback_pair(peer_id)
-            nursery.start_soon(serve_loopback, partial(answer_receipt_query, client_messenger, store), other_end)
+            nursery.start_soon(serve_loopback, partial(answer_receipt_query, manager.messenger, store), other_end)
             return mine
 
-        provider = ProviderService(
-            identity=me,
-            messenger=Messenger(me, wall_ms),
-            store=theirs,
-            executor=FakeExecutor(),  # type: ignore[arg-type]
-            work_root=tmp_path / "work",
-            price_sheet=FLOOR,
-            capacity=lambda: (8, 16 << 30, 100 << 30, ()),
-            max_concurrent=4,
-            clock_ms=wall_ms,
-            open_channel=open_channel,
-        )
-
-        async def find_providers(req: dict[str, Any]) -> list[str]:
-            return [me.peer_id]
-
-        manager = JobManager(identity=me, messenger=client_messenger, store=store, host=None,  # type: ignore[arg-type]
-                             find_providers=find_providers, provider=provider, jobs_dir=tmp_path / "jobs",
-                             clock_ms=wall_ms, replicas=1)  # fmt: skip
+        assert manager.provider is not None
+        manager.provider.open_channel = open_channel
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.serve)
             job_id = await manager.submit(SubmitRequest(command=("echo", "42")))
-            while (row := store.get_job(job_id, "client")) is None or row.state not in TERMINAL:
-                await manager.changed(job_id)
-            await trio.testing.wait_all_tasks_blocked()  # the provider's side has ended too
+            row = await run_to_the_end(manager, job_id)
             nursery.cancel_scope.cancel()
         run = theirs.get_job(job_id, "provider")
         assert run is not None
