@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, NamedTuple, TextIO
 
 import psutil
 import trio
@@ -93,6 +93,14 @@ class AdState:
     expires_at_ms: int = 0
     last_error: str = ""
     classes: list[str] = field(default_factory=list)
+
+
+class SignedAd(NamedTuple):
+    record: bytes  # the envelope's bytes, as put in the DHT and served on /coop/ad/1.0.0
+    ad: CapacityAd
+    signed_at_ms: int
+    expires_at_ms: int
+    classes: list[str]  # the resource classes it offers (their provider hints follow, node/hints.py)
 
 
 def ad_from_capacity(
@@ -181,10 +189,9 @@ class Node:
         self.classes_changed = trio.Event()  # set when an ad offers other classes: their hints follow
         self.capacity: MachineCapacity | None = None
         self._nvml = nvml_from_env(os.environ)
-        self._last_ad: CapacityAd | None = None
         self.sandbox_tier = "none"
         self.runtimes: tuple[Runtime, ...] = ()  # offered in the ad (set when the provider starts)
-        self._ad_record: bytes | None = None  # the signed ad we last put in the DHT, also served over a stream
+        self._signed: SignedAd | None = None  # our newest ad: served on /coop/ad/1.0.0 at once, then put in the DHT
         self.finder = Finder(host, peer_id=identity.peer_id, clock_ms=clock_ms, skew_ms=self._skew_ms,
                              own_ad=self._own_ad)  # fmt: skip
         self.find = self.finder.find
@@ -263,57 +270,93 @@ class Node:
     def _skew_ms(self) -> int:
         return int(self.config.clock_skew_seconds * 1000)
 
-    async def publish_ad(self) -> None:
+    def sign_ad(self) -> SignedAd:
+        """Sign a fresh ad from the current capacity and serve it from now on (``ad_record``)."""
         cap = self.probe_capacity()
         if self.owner is not None:
             cap = self.owner.shape(cap)  # the ad follows the owner's caps and mode, never the raw machine
         now = self.clock_ms()
-        seq = max(now, self.ad_state.seq + 1)  # survives restarts: newer ads always have a higher seq
+        last = max(self.ad_state.seq, self._signed.ad.seq if self._signed else 0)
+        seq = max(now, last + 1)  # survives restarts: newer ads always have a higher seq
         ad = ad_from_capacity(
             self.identity, cap, seq=seq, config=self.config, addrs=self.addrs(), tier=self.sandbox_tier,
             runtimes=self.runtimes,
         )  # fmt: skip
         ttl_ms = int(self.config.ad_ttl_seconds * 1000)
         envelope = seal(self.identity, ad, now=now, ttl_ms=ttl_ms, nonce=secrets.token_bytes(16))
-        record = codec.encode(envelope)
-        await self.host.dht_put(cap_key(self.identity.peer_id), record)
-        self._ad_record = record
         classes = resource_classes(cap) if cap.cpus else []  # nothing offered: no hints either (node/hints.py)
-        self._last_ad = ad
-        if classes != self.ad_state.classes:
+        self._signed = SignedAd(codec.encode(envelope), ad, now, now + ttl_ms, classes)
+        return self._signed
+
+    async def put_ad(self, signed: SignedAd) -> None:
+        """Put ``signed`` in the DHT under our cap key (a walk to the closest peers, then a PUT to each)."""
+        await self.host.dht_put(cap_key(self.identity.peer_id), signed.record)
+        if signed.classes != self.ad_state.classes:
             self.classes_changed.set()
             self.classes_changed = trio.Event()
-        self.ad_state = AdState(seq=seq, published_at_ms=now, expires_at_ms=now + ttl_ms, classes=classes)
+        self.ad_state = AdState(seq=signed.ad.seq, published_at_ms=signed.signed_at_ms,
+                                expires_at_ms=signed.expires_at_ms, classes=signed.classes)  # fmt: skip
+
+    async def publish_ad(self) -> None:
+        await self.put_ad(self.sign_ad())
 
     async def republish(self) -> None:
         """Publish the ad now (the owner policy changed what is offered); a failure waits for the next refresh."""
         try:
             await self.publish_ad()
         except (ValueError, RemoteProtocolError, net.NetError) as exc:
-            self.ad_state.last_error = str(exc)
-            self.say(f"could not publish the capacity ad (will retry): {exc}")
+            self._ad_failed(exc)
+
+    def _ad_failed(self, exc: Exception) -> None:
+        self.ad_state.last_error = str(exc)
+        self.say(f"could not publish the capacity ad (will retry): {exc}")
 
     async def advertise_forever(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-        while True:
+        """Sign and serve a fresh ad every ``ad_refresh_seconds``; put it in the DHT, in the background after the
+        first time, one put at a time.
+
+        A put walks the DHT, and on a loaded or partitioned network it can take longer than an ad lives
+        (py-libp2p waits 10 s for each unreachable peer). The ad we serve directly must not lapse meanwhile:
+        tests/test_partition.py saw reachable providers answer "no ad" while their put waited on the cut half.
+        """
+        putting = False
+
+        async def put(signed: SignedAd) -> None:
+            nonlocal putting
+            putting = True
             try:
-                await self.publish_ad()
+                await self.put_ad(signed)
             except (ValueError, RemoteProtocolError, net.NetError) as exc:
-                self.ad_state.last_error = str(exc)
-                self.say(f"could not publish the capacity ad (will retry): {exc}")
-            if not started:
-                task_status.started()
-                started = True
-            await trio.sleep(self.config.ad_refresh_seconds)
+                self._ad_failed(exc)
+            finally:
+                putting = False
+
+        async with trio.open_nursery() as nursery:
+            first = True
+            while True:
+                try:
+                    signed = self.sign_ad()
+                except ValueError as exc:
+                    self._ad_failed(exc)
+                else:
+                    if first:
+                        await put(signed)
+                    elif not putting:
+                        nursery.start_soon(put, signed)
+                if first:
+                    task_status.started()
+                    first = False
+                await trio.sleep(self.config.ad_refresh_seconds)
 
     # ------------------------------------------------------------------------------------------- finding
 
     def _own_ad(self) -> tuple[CapacityAd, int] | None:
-        return None if self._last_ad is None else (self._last_ad, self.ad_state.expires_at_ms)
+        return None if self._signed is None else (self._signed.ad, self._signed.expires_at_ms)
 
     def ad_record(self) -> bytes | None:
-        """The ad record we serve on ``/coop/ad/1.0.0``: the one in the DHT, until it expires."""
-        return self._ad_record if self.ad_state.expires_at_ms > self.clock_ms() else None
+        """The ad record we serve on ``/coop/ad/1.0.0``: our newest signed ad, until it expires."""
+        signed = self._signed
+        return signed.record if signed is not None and signed.expires_at_ms > self.clock_ms() else None
 
     # ------------------------------------------------------------------------------------------- API backend
 

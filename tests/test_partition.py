@@ -28,10 +28,14 @@ def netns_ok():
         pytest.skip(f"network namespaces unavailable: {reason}")
 
 
+LOOKUP_SHOWN = ("find_ms", "walk_ms", "providers", "hints_ms", "ads_ms", "ads_missing", "direct_failed")
+
+
 async def provider_ids(node):
     body = await node.api("GET", "/v1/find", params={"cpus": 1})
-    providers = body["providers"] if isinstance(body, dict) else body
-    return {p["peer_id"] for p in providers}
+    lookup = body.get("lookup", {})
+    note(f"{node.data_dir.name} find lookup", {k: lookup.get(k) for k in LOOKUP_SHOWN})  # shown with a failure
+    return {p["peer_id"] for p in body["providers"]}
 
 
 async def peers(node):
