@@ -60,16 +60,16 @@ async def test_the_served_ad_stays_fresh_while_a_dht_put_hangs(
             assert dht.puts == [(cap_key(ALICE.peer_id), node.ad_record())]  # ready once the first put is done
             first = node.ad_state.seq
             seqs = []
-            await trio.sleep(REFRESH_S / 2)  # sample between refreshes
+            await trio.sleep(REFRESH_S / 2)  # ok: virtual time (autojump_clock); samples fall between refreshes
             for _ in range(int(4 * TTL_S / REFRESH_S)):  # four ad lifetimes with the second put hanging
-                await trio.sleep(REFRESH_S)
+                await trio.sleep(REFRESH_S)  # ok: virtual time (autojump_clock)
                 seqs.append(served().seq)
             assert len(dht.puts) == 2  # one put at a time: the hanging one was not joined by others
             assert seqs == sorted(set(seqs))  # a new ad each refresh, seq always rising
             assert len(seqs) == 4 * TTL_S / REFRESH_S
             assert node.ad_state.seq == first  # the DHT still holds the first: the status says so
             dht.release.set()
-            await trio.sleep(REFRESH_S * 1.5)
+            await trio.sleep(REFRESH_S * 1.5)  # ok: virtual time (autojump_clock)
             assert len(dht.puts) == 3  # the next refresh puts the newest ad
             assert node.ad_state.seq > first
             nursery.cancel_scope.cancel()
