@@ -9,6 +9,8 @@ next checkpoint ends it. Seen in CI: four cancelled jobs left "queued" for good 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,52 +44,47 @@ class SwallowingHost:
         raise net.NetError("the dial was abandoned")
 
 
-def swallowing_manager(tmp_path: Path, store: Store, host: SwallowingHost) -> JobManager:
-    """A client-only JobManager whose one candidate provider is dialled through ``host``."""
+@asynccontextmanager
+async def job_in_a_hanging_dial(tmp_path: Path) -> AsyncIterator[tuple[JobManager, Store, str]]:
+    """A client-only JobManager running one job whose dial to its only provider hangs (``SwallowingHost``)."""
+    host = SwallowingHost()
 
     async def find_providers(req: dict[str, Any]) -> list[str]:
         return [PROVIDER]
 
     (tmp_path / "jobs").mkdir()
-    return JobManager(identity=Identity.generate(), messenger=None, store=store, host=host,  # type: ignore[arg-type]
-                      find_providers=find_providers, provider=None, jobs_dir=tmp_path / "jobs",
-                      clock_ms=lambda: 1_780_000_000_000)  # fmt: skip
-
-
-async def test_a_job_cancelled_while_its_task_swallows_the_cancel_stays_cancelled(tmp_path) -> None:
-    host = SwallowingHost()
     with trio.fail_after(10), Store.open(tmp_path / "coop.db") as store:
-        manager = swallowing_manager(tmp_path, store, host)
+        manager = JobManager(identity=Identity.generate(), messenger=None, store=store, host=host,  # type: ignore[arg-type]
+                             find_providers=find_providers, provider=None, jobs_dir=tmp_path / "jobs",
+                             clock_ms=lambda: 1_780_000_000_000)  # fmt: skip
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.serve)
             job_id = await manager.submit(SubmitRequest(command=("true",)))
             await host.dialling.wait()
-            assert await manager.cancel(job_id)
-            await trio.testing.wait_all_tasks_blocked()  # the job's task has run to its end
-            assert job_id not in manager._scopes
-            row = store.get_job(job_id, "client")
-            assert row is not None
-            assert (row.state, row.error) == ("cancelled", "cancelled by the user")
+            yield manager, store, job_id
             nursery.cancel_scope.cancel()
+
+
+async def test_a_job_cancelled_while_its_task_swallows_the_cancel_stays_cancelled(tmp_path) -> None:
+    async with job_in_a_hanging_dial(tmp_path) as (manager, store, job_id):
+        assert await manager.cancel(job_id)
+        await trio.testing.wait_all_tasks_blocked()  # the job's task has run to its end
+        assert job_id not in manager._scopes
+        row = store.get_job(job_id, "client")
+        assert row is not None
+        assert (row.state, row.error) == ("cancelled", "cancelled by the user")
 
 
 async def test_a_job_whose_receipt_is_stored_is_past_cancelling(tmp_path) -> None:
     """The receipt is stored before our signature goes back to the provider (write ahead); a cancel in that send
     used to leave a "cancelled" job holding a receipt and a ledger entry."""
-    host = SwallowingHost()
-    with trio.fail_after(10), Store.open(tmp_path / "coop.db") as store:
-        manager = swallowing_manager(tmp_path, store, host)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(manager.serve)
-            job_id = await manager.submit(SubmitRequest(command=("true",)))
-            await host.dialling.wait()
-            store.put_receipt(signed_receipt(job_id=job_id))  # as _exchange does before sending our signature
-            assert not await manager.cancel(job_id)
-            row = store.get_job(job_id, "client")
-            assert row is not None
-            assert row.state != "cancelled"
-            assert job_id in manager._scopes  # its task was left to finish
-            nursery.cancel_scope.cancel()
+    async with job_in_a_hanging_dial(tmp_path) as (manager, store, job_id):
+        store.put_receipt(signed_receipt(job_id=job_id))  # as _exchange does before sending our signature
+        assert not await manager.cancel(job_id)
+        row = store.get_job(job_id, "client")
+        assert row is not None
+        assert row.state != "cancelled"
+        assert job_id in manager._scopes  # its task was left to finish
 
 
 async def test_a_cancel_between_the_receipt_arriving_and_its_storing_completes_the_job(
